@@ -1,0 +1,1 @@
+"""Control plane: the durable usage spool (and, next, the gRPC ControlService)."""

@@ -1,0 +1,211 @@
+"""SQLite WAL spool: every record is written here first, in batches, off the event loop.
+
+``submit`` is synchronous and never blocks (it runs on the request path): records go to a bounded
+in-memory queue that one writer task drains into one transaction per batch on a single worker
+thread. The spool is the buffer between the data plane and the host, so nothing is delivered that
+was not first made durable here.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import sqlite3
+import uuid
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, TypeVar
+
+import orjson
+
+from gateway.records import Record
+
+log = logging.getLogger("aibridged.spool")
+T = TypeVar("T")
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS records (
+    seq INTEGER PRIMARY KEY AUTOINCREMENT,
+    record_id TEXT NOT NULL UNIQUE,
+    kind TEXT NOT NULL,
+    interception_id TEXT NOT NULL,
+    created_at REAL NOT NULL,
+    payload BLOB NOT NULL
+);
+CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+"""
+
+
+@dataclass(frozen=True, slots=True)
+class SpooledRecord:
+    """A record as stored: sequence number, stable id, kind and its JSON payload."""
+
+    seq: int
+    record_id: str
+    kind: str
+    interception_id: str
+    created_at: float
+    payload: dict[str, Any]
+
+
+class Spool:
+    """Durable, batched record store implementing the data plane's ``UsageSink``."""
+
+    def __init__(self, path: Path, *, batch_max: int = 512, queue_max: int = 100_000) -> None:
+        self.path = path
+        self.epoch = ""
+        self.dropped = 0
+        self._batch_max = batch_max
+        self._queue: asyncio.Queue[Record] = asyncio.Queue(maxsize=queue_max)
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="spool")
+        self._db: sqlite3.Connection | None = None
+        self._writer: asyncio.Task[None] | None = None
+        self._submitted = 0
+        self._written = 0
+        self._progress = asyncio.Event()
+
+    async def start(self) -> None:
+        """Open (or recover) the database and start the writer task."""
+        self.epoch = await self._run(self._open)
+        self._writer = asyncio.create_task(self._write_loop(), name="spool-writer")
+
+    def submit(self, record: Record) -> None:
+        """Queue one record for the next batch; never blocks, never raises."""
+        try:
+            self._queue.put_nowait(record)
+        except asyncio.QueueFull:
+            self.dropped += 1
+            log.error(
+                "usage spool queue full: record dropped (disk stalled?)",
+                extra={"dropped_total": self.dropped, "kind": record.kind},
+            )
+            return
+        self._submitted += 1
+
+    async def flush(self) -> None:
+        """Wait until every record submitted so far is committed to disk."""
+        target = self._submitted
+        while self._written < target:
+            if self._writer is None or self._writer.done():
+                raise RuntimeError("spool writer is not running")
+            self._progress.clear()
+            await self._progress.wait()
+
+    async def close(self) -> None:
+        """Flush what is queued, stop the writer and close the database."""
+        if self._writer is not None:
+            await self.flush()
+            self._writer.cancel()
+            await asyncio.gather(self._writer, return_exceptions=True)
+            self._writer = None
+        if self._db is not None:
+            await self._run(self._db.close)
+            self._db = None
+        self._executor.shutdown(wait=True)
+
+    async def read_after(self, seq: int, limit: int = 500) -> list[SpooledRecord]:
+        """Records with a sequence number above ``seq``, oldest first."""
+        return await self._run(self._select, seq, limit)
+
+    async def ack(self, through_seq: int) -> int:
+        """Delete records up to ``through_seq``; returns how many were removed."""
+        return await self._run(self._delete, through_seq)
+
+    @property
+    def pending(self) -> int:
+        """Records submitted but not yet committed."""
+        return self._submitted - self._written
+
+    # -- worker-thread side -----------------------------------------------------------------
+
+    async def _run(self, fn: Callable[..., T], *args: Any) -> T:
+        return await asyncio.get_running_loop().run_in_executor(self._executor, fn, *args)
+
+    def _open(self) -> str:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        db = sqlite3.connect(self.path, isolation_level=None)
+        db.execute("PRAGMA journal_mode=WAL")
+        db.execute("PRAGMA synchronous=NORMAL")
+        db.executescript(_SCHEMA)
+        row = db.execute("SELECT value FROM meta WHERE key = 'epoch'").fetchone()
+        if row is None:
+            epoch = str(uuid.uuid4())
+            db.execute("INSERT INTO meta (key, value) VALUES ('epoch', ?)", (epoch,))
+        else:
+            epoch = str(row[0])
+        self._db = db
+        return epoch
+
+    def _insert(self, batch: Sequence[Record]) -> None:
+        assert self._db is not None
+        rows = [
+            (
+                str(uuid.uuid4()),
+                r.kind,
+                r.interception_id,
+                _created(r),
+                orjson.dumps(r),
+            )
+            for r in batch
+        ]
+        with self._db:
+            self._db.execute("BEGIN")
+            self._db.executemany(
+                "INSERT INTO records (record_id, kind, interception_id, created_at, payload)"
+                " VALUES (?, ?, ?, ?, ?)",
+                rows,
+            )
+
+    def _select(self, seq: int, limit: int) -> list[SpooledRecord]:
+        assert self._db is not None
+        cur = self._db.execute(
+            "SELECT seq, record_id, kind, interception_id, created_at, payload FROM records"
+            " WHERE seq > ? ORDER BY seq LIMIT ?",
+            (seq, limit),
+        )
+        return [
+            SpooledRecord(row[0], row[1], row[2], row[3], row[4], orjson.loads(row[5]))
+            for row in cur.fetchall()
+        ]
+
+    def _delete(self, through_seq: int) -> int:
+        assert self._db is not None
+        return self._db.execute("DELETE FROM records WHERE seq <= ?", (through_seq,)).rowcount
+
+    # -- loop side --------------------------------------------------------------------------
+
+    async def _write_loop(self) -> None:
+        queue = self._queue
+        while True:
+            batch = [await queue.get()]
+            # Whatever piled up while the previous batch was being written joins this one.
+            while len(batch) < self._batch_max and not queue.empty():
+                batch.append(queue.get_nowait())
+            try:
+                await self._run(self._insert, batch)
+            except Exception:
+                log.exception("usage spool write failed; retrying the batch in 1s")
+                for record in batch:
+                    self._requeue(record)
+                await asyncio.sleep(1.0)
+                continue
+            self._written += len(batch)
+            self._progress.set()
+
+    def _requeue(self, record: Record) -> None:
+        try:
+            self._queue.put_nowait(record)
+        except asyncio.QueueFull:
+            self.dropped += 1
+            self._written += 1
+            log.error("usage spool queue full: record dropped", extra={"kind": record.kind})
+
+
+def _created(record: Record) -> float:
+    for name in ("started_at", "ended_at", "created_at"):
+        value = getattr(record, name, None)
+        if isinstance(value, float):
+            return value
+    return 0.0

@@ -1,0 +1,3 @@
+"""aibridged: a gateway daemon for AI traffic (data plane)."""
+
+__version__ = "0.1.0"

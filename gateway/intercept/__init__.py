@@ -1,0 +1,1 @@
+"""Interceptors: pure per-API request parsing, stream rewriting and record extraction."""

@@ -1,0 +1,1 @@
+"""Anthropic Messages API: request parsing, stream rewriting, blocking responses (pure)."""

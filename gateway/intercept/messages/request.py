@@ -1,0 +1,107 @@
+"""Parse and validate an Anthropic Messages request body without rebuilding it (pure).
+
+The body stays the bytes the client sent: unknown fields, key order and whitespace all reach the
+provider untouched. Parsing only serves validation, routing (``stream``, ``model``) and the records
+(prompt, correlating tool-call id).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import orjson
+
+
+class RequestError(Exception):
+    """The client sent a body the gateway refuses; carries the HTTP status and a clear message."""
+
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+
+
+@dataclass(frozen=True, slots=True)
+class MessagesRequest:
+    """A validated Messages request: the raw body plus what the gateway needs to know about it."""
+
+    body: bytes
+    parsed: dict[str, Any]
+    model: str
+    stream: bool
+    prompt: str | None
+    correlating_tool_call_id: str | None
+
+
+def parse_request(body: bytes) -> MessagesRequest:
+    """Validate ``body``; raise :class:`RequestError` (400) naming the offending field."""
+    if not body.strip():
+        raise RequestError(400, "request body is empty: expected a JSON object")
+    try:
+        parsed = orjson.loads(body)
+    except orjson.JSONDecodeError as exc:
+        raise RequestError(400, f"request body is not valid JSON: {exc}") from None
+    if not isinstance(parsed, dict):
+        raise RequestError(400, "request body must be a JSON object")
+    model = parsed.get("model")
+    if model is None:
+        raise RequestError(400, "model: field required")
+    if not isinstance(model, str) or not model:
+        raise RequestError(400, "model: expected a non-empty string")
+    messages = parsed.get("messages")
+    if messages is None:
+        raise RequestError(400, "messages: field required")
+    if not isinstance(messages, list):
+        raise RequestError(400, "messages: expected an array")
+    for i, message in enumerate(messages):
+        if not isinstance(message, dict):
+            raise RequestError(400, f"messages.{i}: expected an object")
+    stream = parsed.get("stream", False)
+    if not isinstance(stream, bool):
+        raise RequestError(400, "stream: expected a boolean")
+    max_tokens = parsed.get("max_tokens")
+    if max_tokens is not None and (isinstance(max_tokens, bool) or not isinstance(max_tokens, int)):
+        raise RequestError(400, "max_tokens: expected an integer")
+    return MessagesRequest(
+        body=body,
+        parsed=parsed,
+        model=model,
+        stream=stream,
+        prompt=last_user_prompt(messages),
+        correlating_tool_call_id=correlating_tool_call_id(messages),
+    )
+
+
+def last_user_prompt(messages: list[Any]) -> str | None:
+    """The text of the last message when it is the user's: a string, or its last text block."""
+    if not messages:
+        return None
+    last = messages[-1]
+    if not isinstance(last, dict) or last.get("role") != "user":
+        return None
+    content = last.get("content")
+    if isinstance(content, str):
+        return content
+    if isinstance(content, list):
+        for block in reversed(content):
+            if isinstance(block, dict) and block.get("type") == "text":
+                text = block.get("text")
+                if isinstance(text, str):
+                    return text
+    return None
+
+
+def correlating_tool_call_id(messages: list[Any]) -> str | None:
+    """The ``tool_use_id`` of the last ``tool_result`` in the last message, linking turns."""
+    if not messages or not isinstance(messages[-1], dict):
+        return None
+    content = messages[-1].get("content")
+    if not isinstance(content, list):
+        return None
+    for block in reversed(content):
+        if isinstance(block, dict) and block.get("type") == "tool_result":
+            tool_use_id = block.get("tool_use_id")
+            if isinstance(tool_use_id, str) and tool_use_id:
+                return tool_use_id
+    return None

@@ -1,0 +1,64 @@
+"""Anthropic usage arithmetic (pure).
+
+Anthropic reports usage in ``message_start.message.usage`` and again, cumulatively, in every
+``message_delta.usage``: the latest value of a field is the message's total, so values replace
+earlier ones and are never added (the reference gateway adds them and over-counts output).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from gateway.records import TokenUsage
+
+
+@dataclass(slots=True)
+class MessageUsage:
+    """Running usage of one upstream message, updated from each usage object seen."""
+
+    input: int = 0
+    output: int = 0
+    cache_read: int = 0
+    cache_write: int = 0
+    cache_write_5m: int = 0
+    cache_write_1h: int = 0
+    extra: dict[str, int] = field(default_factory=dict)
+
+    def update(self, usage: Any) -> None:
+        """Take the cumulative values present in ``usage``; absent fields keep their value."""
+        if not isinstance(usage, dict):
+            return
+        self.input = _int(usage.get("input_tokens"), self.input)
+        self.output = _int(usage.get("output_tokens"), self.output)
+        self.cache_read = _int(usage.get("cache_read_input_tokens"), self.cache_read)
+        self.cache_write = _int(usage.get("cache_creation_input_tokens"), self.cache_write)
+        split = usage.get("cache_creation")
+        if isinstance(split, dict):
+            self.cache_write_5m = _int(split.get("ephemeral_5m_input_tokens"), self.cache_write_5m)
+            self.cache_write_1h = _int(split.get("ephemeral_1h_input_tokens"), self.cache_write_1h)
+        server_tools = usage.get("server_tool_use")
+        if isinstance(server_tools, dict):
+            for name, value in server_tools.items():
+                if isinstance(value, int) and not isinstance(value, bool):
+                    self.extra[name] = value
+
+    def record(self, interception_id: str, msg_id: str) -> TokenUsage:
+        """The token-usage record for this message."""
+        return TokenUsage(
+            interception_id=interception_id,
+            msg_id=msg_id,
+            input=self.input,
+            output=self.output,
+            cache_read=self.cache_read,
+            cache_write=self.cache_write,
+            cache_write_5m=self.cache_write_5m,
+            cache_write_1h=self.cache_write_1h,
+            extra=dict(self.extra),
+        )
+
+
+def _int(value: Any, default: int) -> int:
+    if isinstance(value, int) and not isinstance(value, bool):
+        return value
+    return default

@@ -1,0 +1,26 @@
+"""Seams between the data plane and what it reports to (pure Protocols)."""
+
+from __future__ import annotations
+
+from typing import Protocol
+
+from gateway.records import Record
+
+
+class UsageSink(Protocol):
+    """Where records go. ``submit`` must never block or await: it runs on the request path."""
+
+    def submit(self, record: Record) -> None:
+        """Accept one record for durable storage."""
+        ...
+
+
+class MemorySink:
+    """In-memory twin of the spool, for tests and embedding."""
+
+    def __init__(self) -> None:
+        self.records: list[Record] = []
+
+    def submit(self, record: Record) -> None:
+        """Keep the record in order of submission."""
+        self.records.append(record)

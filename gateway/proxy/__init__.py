@@ -1,0 +1,1 @@
+"""The data plane's I/O shell: aiohttp handlers, upstream client, relay."""

@@ -1,0 +1,89 @@
+"""The data-plane ``web.Application``: routes, error shaping, health, upstream session."""
+
+from __future__ import annotations
+
+import functools
+import logging
+from collections.abc import AsyncIterator, Awaitable, Callable
+
+import aiohttp
+from aiohttp import web
+
+from gateway.config import Settings
+from gateway.ports import UsageSink
+from gateway.proxy.handlers import Services, anthropic_error, messages
+from gateway.proxy.passthrough import ANTHROPIC_PASSTHROUGH, passthrough
+from gateway.proxy.relay import RelayOptions
+from gateway.proxy.upstream import make_session
+from gateway.state import StateHolder
+
+log = logging.getLogger("aibridged.app")
+
+READY = web.AppKey("ready", list)
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+@web.middleware
+async def provider_shaped_errors(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """No traceback and no HTML reach a client: every failure gets the provider's error shape."""
+    try:
+        return await handler(request)
+    except web.HTTPException as exc:
+        if exc.status < 400:
+            raise
+        message = f"route not supported: {request.method} {request.path}"
+        if exc.status != 404:
+            message = exc.reason
+        return anthropic_error(exc.status, message)
+    except (ConnectionResetError, aiohttp.ClientConnectionResetError):
+        raise
+    except Exception:
+        log.exception("unhandled error on %s %s", request.method, request.path)
+        return anthropic_error(500, "internal gateway error")
+
+
+def build_app(settings: Settings, state: StateHolder, sink: UsageSink) -> web.Application:
+    """Wire routes and the upstream session's lifetime to the app."""
+    app = web.Application(
+        client_max_size=settings.max_body_bytes, middlewares=[provider_shaped_errors]
+    )
+    app[READY] = [True]
+    session_ref: list[aiohttp.ClientSession] = []
+    services = Services(
+        state=state,
+        sink=sink,
+        session_ref=session_ref,
+        relay=RelayOptions(
+            ping_interval=settings.ping_interval,
+            on_client_disconnect=settings.on_client_disconnect,
+            disconnect_drain_timeout=settings.disconnect_drain_timeout,
+        ),
+        byok_header=settings.byok_header.lower(),
+        max_body_bytes=settings.max_body_bytes,
+    )
+
+    async def upstream_session(_: web.Application) -> AsyncIterator[None]:
+        session = make_session(settings.upstream_connect_timeout, settings.upstream_idle_timeout)
+        session_ref.append(session)
+        yield
+        await session.close()
+
+    app.cleanup_ctx.append(upstream_session)
+    app.router.add_get("/healthz", healthz)
+    app.router.add_get("/readyz", readyz)
+    app.router.add_route("*", "/{provider}/v1/messages", functools.partial(messages, services))
+    for path in ANTHROPIC_PASSTHROUGH:
+        app.router.add_route("*", "/{provider}" + path, functools.partial(passthrough, services))
+    return app
+
+
+async def healthz(_: web.Request) -> web.Response:
+    """Liveness: the process serves HTTP."""
+    return web.json_response({"status": "ok"})
+
+
+async def readyz(request: web.Request) -> web.Response:
+    """Readiness: false while shutting down (and, later, until the host's first state push)."""
+    if request.app[READY][0]:
+        return web.json_response({"status": "ready"})
+    return web.json_response({"status": "not ready"}, status=503)

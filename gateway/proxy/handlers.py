@@ -1,0 +1,140 @@
+"""Route handlers: thin glue from an HTTP request to the interceptor and the relay."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import uuid
+from dataclasses import dataclass
+
+import aiohttp
+from aiohttp import web
+
+from gateway.auth import Authenticated, authenticate
+from gateway.identity import client_session_id, detect_client
+from gateway.intercept.errors import anthropic_error_body
+from gateway.intercept.messages.request import RequestError, parse_request
+from gateway.intercept.messages.stream import MessagesStream
+from gateway.ports import UsageSink
+from gateway.proxy.relay import UPSTREAM_ERRORS, Interception, RelayOptions
+from gateway.proxy.upstream import join_url, upstream_request_headers
+from gateway.records import InterceptionStarted
+from gateway.state import Provider, StateHolder
+
+log = logging.getLogger("aibridged.handlers")
+
+
+@dataclass(frozen=True, slots=True)
+class Services:
+    """What handlers need, wired once by the app factory."""
+
+    state: StateHolder
+    sink: UsageSink
+    session_ref: list[aiohttp.ClientSession]
+    relay: RelayOptions
+    byok_header: str
+    max_body_bytes: int
+
+    @property
+    def session(self) -> aiohttp.ClientSession:
+        """The shared upstream session (created inside the running loop)."""
+        return self.session_ref[0]
+
+
+def anthropic_error(status: int, message: str, error_type: str | None = None) -> web.Response:
+    """A gateway-side error response in Anthropic's shape."""
+    return web.Response(
+        status=status,
+        body=anthropic_error_body(status, message, error_type),
+        content_type="application/json",
+    )
+
+
+def resolve_provider(services: Services, request: web.Request) -> Provider | web.Response:
+    """The provider named by the route prefix, or a 404."""
+    name = request.match_info["provider"]
+    provider = services.state.current.providers.get(name)
+    if provider is None or provider.type != "anthropic":
+        return anthropic_error(404, f"route not supported: {request.method} {request.path}")
+    return provider
+
+
+async def read_body(services: Services, request: web.Request) -> bytes | web.Response:
+    """The request body, or a 413 when it exceeds the configured limit."""
+    limit = services.max_body_bytes
+    too_large = anthropic_error(413, f"request body exceeds the gateway limit of {limit} bytes")
+    if request.content_length is not None and request.content_length > limit:
+        return too_large
+    try:
+        return await request.read()
+    except web.HTTPRequestEntityTooLarge:
+        return too_large
+
+
+async def messages(services: Services, request: web.Request) -> web.StreamResponse:
+    """``POST /{provider}/v1/messages``: the intercepted Anthropic Messages API."""
+    provider = resolve_provider(services, request)
+    if isinstance(provider, web.Response):
+        return provider
+    if request.method != "POST":
+        return anthropic_error(405, f"method {request.method} not allowed on {request.path}")
+    snapshot = services.state.current
+    auth = authenticate(request.headers, snapshot, provider, services.byok_header)
+    if not isinstance(auth, Authenticated):
+        return anthropic_error(auth.status, auth.message)
+    body = await read_body(services, request)
+    if isinstance(body, web.Response):
+        return body
+    try:
+        parsed = parse_request(body)
+    except RequestError as exc:
+        return anthropic_error(exc.status, exc.message)
+
+    interception_id = str(uuid.uuid4())
+    client = detect_client(request.headers)
+    services.sink.submit(
+        InterceptionStarted(
+            interception_id=interception_id,
+            provider=provider.type,
+            provider_name=provider.name,
+            model=parsed.model,
+            actor_id=auth.actor.id,
+            username=auth.actor.username,
+            actor_metadata=dict(auth.actor.metadata),
+            client=client,
+            user_agent=request.headers.get("User-Agent", ""),
+            client_session_id=client_session_id(client, request.headers, parsed.parsed),
+            correlating_tool_call_id=parsed.correlating_tool_call_id,
+            credential_kind=auth.credential.kind,
+            credential_hint=auth.credential.hint,
+            streaming=parsed.stream,
+        )
+    )
+    icpt = Interception(interception_id, services.sink, services.session, services.relay)
+    headers = upstream_request_headers(
+        request.headers,
+        auth.credential,
+        extra_strip=(services.byok_header,),
+        actor=auth.actor if provider.send_actor_headers else None,
+    )
+    url = join_url(provider.base_url, "/v1/messages", request.query_string)
+    try:
+        try:
+            resp = await icpt.post(url, parsed.body, headers)
+        except UPSTREAM_ERRORS as exc:
+            return icpt.unreachable(exc)
+        async with resp:
+            if resp.status >= 400:
+                return await icpt.upstream_error(resp)
+            if parsed.stream and resp.content_type == "text/event-stream":
+                rewriter = MessagesStream(interception_id, parsed.prompt)
+                return await icpt.stream(request, resp, rewriter)
+            return await icpt.blocking(resp, parsed.prompt)
+    except asyncio.CancelledError:
+        icpt.outcome.fail("cancelled", "request cancelled before it completed")
+        raise
+    except Exception as exc:
+        icpt.outcome.fail("gateway_error", type(exc).__name__)
+        raise
+    finally:
+        icpt.end()

@@ -1,0 +1,265 @@
+"""Relay one intercepted call: upstream request, stream or blocking response, records.
+
+This is the only place that turns upstream I/O failures into client responses, so every path
+ends the interception with exactly one ``InterceptionEnded`` record.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import aiohttp
+from aiohttp import web
+from multidict import CIMultiDict
+
+from gateway.intercept.errors import anthropic_error_body, anthropic_error_event, parse_error_body
+from gateway.intercept.messages.blocking import rewrite_blocking
+from gateway.intercept.messages.stream import MessagesStream
+from gateway.ports import UsageSink
+from gateway.records import EndStatus, InterceptionEnded
+from gateway.sse import FrameTooLarge, SSEFramer
+from gateway.sse.keepalive import ANTHROPIC_PING
+
+log = logging.getLogger("aibridged.relay")
+
+# Raised by aiohttp when the upstream connection breaks before or during the response.
+UPSTREAM_ERRORS = (aiohttp.ClientError, asyncio.TimeoutError, OSError)
+CLIENT_GONE = (ConnectionResetError, aiohttp.ClientConnectionResetError)
+
+
+@dataclass(frozen=True, slots=True)
+class RelayOptions:
+    """Knobs of the relay, from settings."""
+
+    ping_interval: float
+    on_client_disconnect: str
+    disconnect_drain_timeout: float
+
+
+@dataclass(slots=True)
+class Outcome:
+    """How the interception ended, for the end record."""
+
+    status: EndStatus = "completed"
+    error_type: str = ""
+    error_message: str = ""
+    upstream_status: int = 0
+
+    def fail(self, error_type: str, message: str) -> None:
+        """Mark the interception failed (first failure wins)."""
+        if self.status == "completed":
+            self.status = "failed"
+            self.error_type, self.error_message = error_type, message
+
+
+class Interception:
+    """One client request on an intercepted route, from upstream call to end record."""
+
+    def __init__(
+        self,
+        interception_id: str,
+        sink: UsageSink,
+        session: aiohttp.ClientSession,
+        options: RelayOptions,
+    ) -> None:
+        self.id = interception_id
+        self.sink = sink
+        self.session = session
+        self.options = options
+        self.outcome = Outcome()
+
+    def end(self) -> None:
+        """Write the end record (once, synchronously: it must survive handler cancellation)."""
+        o = self.outcome
+        self.sink.submit(
+            InterceptionEnded(self.id, o.status, o.error_type, o.error_message, o.upstream_status)
+        )
+
+    async def post(
+        self, url: str, body: bytes, headers: CIMultiDict[str]
+    ) -> aiohttp.ClientResponse:
+        """POST upstream; retry once when a pooled keep-alive connection turns out stale."""
+        try:
+            return await self.session.post(url, data=body, headers=headers, auto_decompress=True)
+        except (aiohttp.ServerDisconnectedError, aiohttp.ClientOSError):
+            # A stale pooled connection fails before any byte of the response: safe to retry.
+            return await self.session.post(url, data=body, headers=headers, auto_decompress=True)
+
+    def unreachable(self, exc: BaseException) -> web.Response:
+        """The upstream could not be reached: 502 in Anthropic's shape."""
+        detail = _describe(exc)
+        self.outcome.fail("upstream_unreachable", detail)
+        log.warning("upstream unreachable", extra={"interception_id": self.id, "error": detail})
+        return _json(502, anthropic_error_body(502, f"upstream provider unreachable: {detail}"))
+
+    async def upstream_error(self, resp: aiohttp.ClientResponse) -> web.Response:
+        """Relay an upstream error response with its status and body."""
+        body = await resp.read()
+        self.outcome.upstream_status = resp.status
+        self.outcome.fail(*parse_error_body(body))
+        out = web.Response(status=resp.status, body=body, headers=_relayed(resp))
+        out.content_type = resp.content_type or "application/json"
+        return out
+
+    async def blocking(self, resp: aiohttp.ClientResponse, prompt: str | None) -> web.Response:
+        """A complete JSON response: rewrite its id, record it, return it."""
+        try:
+            body = await resp.read()
+        except UPSTREAM_ERRORS as exc:
+            return self.unreachable(exc)
+        self.outcome.upstream_status = resp.status
+        result = rewrite_blocking(body, self.id, prompt)
+        for record in result.records:
+            self.sink.submit(record)
+        if result.error:
+            self.outcome.fail("invalid_upstream_response", result.error)
+        out = web.Response(status=resp.status, body=result.body, headers=_relayed(resp))
+        out.content_type = resp.content_type or "application/json"
+        return out
+
+    async def stream(
+        self,
+        request: web.Request,
+        resp: aiohttp.ClientResponse,
+        rewriter: MessagesStream,
+    ) -> web.StreamResponse:
+        """Relay an SSE stream event by event, with keep-alive pings and disconnect handling."""
+        self.outcome.upstream_status = resp.status
+        headers = _relayed(resp)
+        headers["Content-Type"] = resp.headers.get("Content-Type", "text/event-stream")
+        headers["Cache-Control"] = "no-cache"
+        headers["X-Accel-Buffering"] = "no"
+        out = web.StreamResponse(status=200, headers=headers)
+        writer = _ClientWriter(out, self.options.ping_interval)
+        try:
+            await out.prepare(request)
+        except CLIENT_GONE:
+            writer.gone = True
+        framer = SSEFramer()
+        try:
+            if not writer.gone:
+                writer.start_pinger()
+            await self._pump(resp, framer, rewriter, writer)
+        except UPSTREAM_ERRORS as exc:
+            detail = _describe(exc)
+            self.outcome.fail("upstream_stream_broken", detail)
+            await writer.write(anthropic_error_event(f"upstream stream broken: {detail}"))
+        except FrameTooLarge as exc:
+            self.outcome.fail("upstream_frame_too_large", str(exc))
+            await writer.write(anthropic_error_event(str(exc)))
+        finally:
+            writer.stop_pinger()
+            for record in rewriter.finish():
+                self.sink.submit(record)
+        if rewriter.error is not None:
+            self.outcome.fail(rewriter.error.type, rewriter.error.message)
+        elif not rewriter.message_stopped and self.outcome.status == "completed":
+            self.outcome.fail("incomplete_stream", "upstream stream ended before message_stop")
+        if writer.gone:
+            self.outcome.status = "client_disconnected"
+        else:
+            with contextlib.suppress(*CLIENT_GONE):
+                await out.write_eof()
+        return out
+
+    async def _pump(
+        self,
+        resp: aiohttp.ClientResponse,
+        framer: SSEFramer,
+        rewriter: MessagesStream,
+        writer: _ClientWriter,
+    ) -> None:
+        chunks = resp.content.iter_any()
+        async for chunk in chunks:
+            frames = framer.feed(chunk)
+            if frames:
+                data = rewriter.feed_all(frames)
+                for record in rewriter.take_records():
+                    self.sink.submit(record)
+                if data:
+                    await writer.write(data)
+            if writer.gone:
+                break
+        else:
+            last = framer.flush()
+            if last is not None:
+                await writer.write(rewriter.feed(last))
+            return
+        # The client went away mid-stream.
+        if self.options.on_client_disconnect == "cancel":
+            resp.close()
+            return
+        # Drain: keep reading (bounded) so the message's final usage is recorded.
+        try:
+            async with asyncio.timeout(self.options.disconnect_drain_timeout):
+                async for chunk in chunks:
+                    rewriter.feed_all(framer.feed(chunk))
+                    for record in rewriter.take_records():
+                        self.sink.submit(record)
+        except TimeoutError:
+            resp.close()
+            log.warning(
+                "drain after client disconnect timed out", extra={"interception_id": self.id}
+            )
+
+
+class _ClientWriter:
+    """Writes to the client, sends pings after silence, and notices when the client is gone."""
+
+    def __init__(self, out: web.StreamResponse, ping_interval: float) -> None:
+        self.out = out
+        self.gone = False
+        self._interval = ping_interval
+        self._loop = asyncio.get_running_loop()
+        self._last_write = self._loop.time()
+        self._pinger: asyncio.Task[None] | None = None
+
+    async def write(self, data: bytes) -> None:
+        if self.gone or not data:
+            return
+        try:
+            await self.out.write(data)
+        except CLIENT_GONE:
+            self.gone = True
+            return
+        self._last_write = self._loop.time()
+
+    def start_pinger(self) -> None:
+        self._pinger = asyncio.create_task(self._ping_when_idle())
+
+    def stop_pinger(self) -> None:
+        if self._pinger is not None:
+            self._pinger.cancel()
+            self._pinger = None
+
+    async def _ping_when_idle(self) -> None:
+        while not self.gone:
+            delay = self._last_write + self._interval - self._loop.time()
+            if delay > 0:
+                await asyncio.sleep(delay)
+                continue
+            await self.write(ANTHROPIC_PING)
+
+
+def _relayed(resp: aiohttp.ClientResponse) -> CIMultiDict[str]:
+    from gateway.proxy.upstream import relayed_response_headers
+
+    return relayed_response_headers(resp.headers)
+
+
+def _json(status: int, body: bytes) -> web.Response:
+    return web.Response(status=status, body=body, content_type="application/json")
+
+
+def _describe(exc: BaseException) -> str:
+    if isinstance(exc, asyncio.TimeoutError):
+        return "timed out"
+    text = str(exc) or type(exc).__name__
+    return text[:300]
+
+
+ErrorResponder = Callable[[int, str], web.Response]

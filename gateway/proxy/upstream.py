@@ -1,0 +1,104 @@
+"""The upstream HTTP client and the header rules for requests and responses."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+
+import aiohttp
+from multidict import CIMultiDict, CIMultiDictProxy
+
+from gateway.auth import Credential
+from gateway.state import Actor
+
+# Never forwarded upstream: hop-by-hop, transport-managed, cookies and every client credential
+# (the gateway key must never reach a provider).
+_STRIP_REQUEST = frozenset(
+    {
+        "connection",
+        "keep-alive",
+        "proxy-authenticate",
+        "proxy-authorization",
+        "proxy-connection",
+        "te",
+        "trailer",
+        "transfer-encoding",
+        "upgrade",
+        "host",
+        "content-length",
+        "accept-encoding",
+        "cookie",
+        "authorization",
+        "x-api-key",
+        "forwarded",
+    }
+)
+
+# Response headers worth relaying to the client: request ids for support tickets, rate-limit
+# state and retry hints so the SDKs' own retry logic keeps working through the gateway.
+_RELAY_RESPONSE = frozenset(
+    {"request-id", "x-request-id", "retry-after", "retry-after-ms", "x-should-retry"}
+)
+_RELAY_RESPONSE_PREFIXES = ("anthropic-ratelimit-", "x-ratelimit-")
+
+
+def upstream_request_headers(
+    client_headers: CIMultiDictProxy[str],
+    credential: Credential,
+    extra_strip: Iterable[str] = (),
+    actor: Actor | None = None,
+) -> CIMultiDict[str]:
+    """Client headers minus hop-by-hop, cookies and auth, plus exactly one provider auth header."""
+    strip = set(_STRIP_REQUEST)
+    strip.update(h.lower() for h in extra_strip)
+    connection = client_headers.get("connection", "")
+    strip.update(token.strip().lower() for token in connection.split(",") if token.strip())
+    headers: CIMultiDict[str] = CIMultiDict()
+    for name, value in client_headers.items():
+        lowered = name.lower()
+        if lowered in strip or lowered.startswith("x-ai-bridge-actor"):
+            continue
+        headers.add(name, value)
+    # Identity keeps each streamed chunk relayable at once (no inflate window holding bytes).
+    headers["Accept-Encoding"] = "identity"
+    headers[credential.header] = credential.value
+    if actor is not None:
+        headers["X-AI-Bridge-Actor-Id"] = actor.id
+        for key, value in actor.metadata.items():
+            headers[f"X-AI-Bridge-Actor-Metadata-{key}"] = value
+    return headers
+
+
+def relayed_response_headers(upstream: Mapping[str, str]) -> CIMultiDict[str]:
+    """The allow-listed subset of an upstream response's headers."""
+    out: CIMultiDict[str] = CIMultiDict()
+    for name, value in upstream.items():
+        lowered = name.lower()
+        if lowered in _RELAY_RESPONSE or lowered.startswith(_RELAY_RESPONSE_PREFIXES):
+            out.add(name, value)
+    return out
+
+
+def join_url(base_url: str, path: str, query: str = "") -> str:
+    """Append the request path (after the provider prefix) to the provider's base URL."""
+    url = base_url.rstrip("/") + "/" + path.lstrip("/")
+    return f"{url}?{query}" if query else url
+
+
+def make_session(connect_timeout: float, idle_timeout: float) -> aiohttp.ClientSession:
+    """One pooled client session for all upstream calls (created inside the running loop)."""
+    connector = aiohttp.TCPConnector(
+        limit=0,
+        keepalive_timeout=30,
+        ttl_dns_cache=300,
+        enable_cleanup_closed=True,
+    )
+    # No total timeout: agent streams run for many minutes. Bound connect and idle reads only.
+    timeout = aiohttp.ClientTimeout(
+        total=None, sock_connect=connect_timeout, sock_read=idle_timeout
+    )
+    return aiohttp.ClientSession(
+        connector=connector,
+        timeout=timeout,
+        auto_decompress=False,
+        skip_auto_headers=("User-Agent", "Content-Type"),
+    )

@@ -1,0 +1,118 @@
+"""Usage records: what the gateway tells the host about each interception (pure data).
+
+One interception (one client request on an intercepted route) yields, in this order:
+``InterceptionStarted``, then per upstream message a ``TokenUsage``, the ``PromptUsage`` of the
+last user prompt, a ``ToolUsage`` per tool call, a ``ModelThought`` per thinking block, and
+finally ``InterceptionEnded`` whatever the outcome. Every record carries the interception id, so a
+consumer can group them whatever order they arrive in.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Literal
+
+CredentialKind = Literal["centralized", "byok"]
+EndStatus = Literal["completed", "failed", "client_disconnected"]
+
+
+def now() -> float:
+    """Wall-clock time in seconds since the epoch, as stamped on records."""
+    return time.time()
+
+
+@dataclass(frozen=True, slots=True)
+class InterceptionStarted:
+    """Written before the first upstream call of an interception."""
+
+    interception_id: str
+    provider: str
+    provider_name: str
+    model: str
+    actor_id: str
+    username: str
+    actor_metadata: dict[str, str]
+    client: str
+    user_agent: str
+    client_session_id: str | None
+    correlating_tool_call_id: str | None
+    credential_kind: CredentialKind
+    credential_hint: str
+    streaming: bool
+    started_at: float = field(default_factory=now)
+    kind: Literal["interception_started"] = "interception_started"
+
+
+@dataclass(frozen=True, slots=True)
+class InterceptionEnded:
+    """Written once per started interception, on success, failure or client disconnect."""
+
+    interception_id: str
+    status: EndStatus
+    error_type: str = ""
+    error_message: str = ""
+    upstream_status: int = 0
+    ended_at: float = field(default_factory=now)
+    kind: Literal["interception_ended"] = "interception_ended"
+
+
+@dataclass(frozen=True, slots=True)
+class TokenUsage:
+    """Token usage of one upstream message (final, cumulative values; never summed twice)."""
+
+    interception_id: str
+    msg_id: str
+    input: int = 0
+    output: int = 0
+    cache_read: int = 0
+    cache_write: int = 0
+    cache_write_5m: int = 0
+    cache_write_1h: int = 0
+    extra: dict[str, int] = field(default_factory=dict)
+    created_at: float = field(default_factory=now)
+    kind: Literal["token_usage"] = "token_usage"
+
+
+@dataclass(frozen=True, slots=True)
+class PromptUsage:
+    """The last user prompt of the request, once per interception."""
+
+    interception_id: str
+    msg_id: str
+    prompt: str
+    created_at: float = field(default_factory=now)
+    kind: Literal["prompt_usage"] = "prompt_usage"
+
+
+@dataclass(frozen=True, slots=True)
+class ToolUsage:
+    """A tool call the model made: a client tool relayed as-is, or an injected MCP tool run here."""
+
+    interception_id: str
+    msg_id: str
+    tool: str
+    tool_call_id: str
+    args: str
+    injected: bool = False
+    server_url: str = ""
+    invocation_error: str = ""
+    created_at: float = field(default_factory=now)
+    kind: Literal["tool_usage"] = "tool_usage"
+
+
+@dataclass(frozen=True, slots=True)
+class ModelThought:
+    """A reasoning text the model produced (Anthropic ``thinking`` blocks)."""
+
+    interception_id: str
+    msg_id: str
+    content: str
+    source: str = "thinking"
+    created_at: float = field(default_factory=now)
+    kind: Literal["model_thought"] = "model_thought"
+
+
+Record = (
+    InterceptionStarted | InterceptionEnded | TokenUsage | PromptUsage | ToolUsage | ModelThought
+)

@@ -1,0 +1,103 @@
+"""Shared fixtures: a fake upstream provider, a running gateway, the fixture files."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import AsyncIterator, Callable, Coroutine
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from control.spool import SpooledRecord
+from gateway.config import load_settings
+from gateway.daemon import Daemon
+from gateway.testing import FakeUpstream
+
+FIXTURES = Path(__file__).parent / "fixtures"
+SHARED_FIXTURES = Path(__file__).resolve().parents[2] / "shared" / "fixtures" / "aibridge"
+
+GATEWAY_KEY = "gw-alice-key-0123456789"
+UPSTREAM_KEY = "sk-ant-central-key-abcdefghijklmnop"
+ALICE = {"key": GATEWAY_KEY, "actor_id": "u-1", "username": "alice", "metadata": {"team": "core"}}
+
+
+@dataclass
+class Gateway:
+    """A daemon running in the test's loop, plus its upstream."""
+
+    daemon: Daemon
+    upstream: FakeUpstream
+
+    @property
+    def url(self) -> str:
+        """Base URL clients use for the default provider (``/anthropic``)."""
+        return f"http://127.0.0.1:{self.daemon.port}/anthropic"
+
+    @property
+    def root(self) -> str:
+        """Base URL of the data plane."""
+        return f"http://127.0.0.1:{self.daemon.port}"
+
+    async def records(self) -> list[SpooledRecord]:
+        """Every record committed to the spool so far (waits for pending writes)."""
+        await self.daemon.spool.flush()
+        return await self.daemon.spool.read_after(0, 1_000_000)
+
+
+GatewayFactory = Callable[..., Coroutine[Any, Any, Gateway]]
+
+
+@pytest.fixture
+async def upstream() -> AsyncIterator[FakeUpstream]:
+    """A started fake provider."""
+    up = await FakeUpstream().start()
+    yield up
+    await up.close()
+
+
+@pytest.fixture
+async def make_gateway(
+    tmp_path: Path, upstream: FakeUpstream, monkeypatch: pytest.MonkeyPatch
+) -> AsyncIterator[GatewayFactory]:
+    """Start a gateway in front of ``upstream``; keyword arguments override settings."""
+    for name in list(os.environ):
+        if name.startswith("AIBRIDGED_") or name == "ANTHROPIC_API_KEY":
+            monkeypatch.delenv(name)
+    started: list[Daemon] = []
+
+    async def start(**overrides: Any) -> Gateway:
+        settings: dict[str, Any] = {
+            "listen": "127.0.0.1:0",
+            "spool_path": tmp_path / f"spool-{len(started)}.db",
+            "providers": [
+                {
+                    "name": "anthropic",
+                    "type": "anthropic",
+                    "base_url": upstream.url,
+                    "api_key": UPSTREAM_KEY,
+                }
+            ],
+            "api_keys": [ALICE],
+            "shutdown_grace": 2.0,
+        }
+        settings.update(overrides)
+        daemon = await Daemon.start(load_settings(None, **settings))
+        started.append(daemon)
+        return Gateway(daemon, upstream)
+
+    yield start
+    for daemon in started:
+        await daemon.stop()
+
+
+@pytest.fixture
+async def gateway(make_gateway: GatewayFactory) -> Gateway:
+    """A gateway with default test settings (one gateway key for alice, a central key)."""
+    return await make_gateway()
+
+
+def by_kind(records: list[SpooledRecord], kind: str) -> list[dict[str, Any]]:
+    """Payloads of the records of one kind, in spool order."""
+    return [r.payload for r in records if r.kind == kind]
