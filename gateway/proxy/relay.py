@@ -134,30 +134,35 @@ class Interception:
         headers["Cache-Control"] = "no-cache"
         headers["X-Accel-Buffering"] = "no"
         out = web.StreamResponse(status=200, headers=headers)
-        writer = _ClientWriter(out, self.options.ping_interval)
+        left = _OnClientLeft(resp, self.options)
+        writer = _ClientWriter(out, self.options.ping_interval, left)
         try:
             await out.prepare(request)
         except CLIENT_GONE:
-            writer.gone = True
+            writer.mark_gone()
         framer = SSEFramer()
         try:
             if not writer.gone:
                 writer.start_pinger()
             await self._pump(resp, framer, rewriter, writer)
         except UPSTREAM_ERRORS as exc:
-            detail = _describe(exc)
-            self.outcome.fail("upstream_stream_broken", detail)
-            await writer.write(anthropic_error_event(f"upstream stream broken: {detail}"))
+            if not writer.gone:
+                detail = _describe(exc)
+                self.outcome.fail("upstream_stream_broken", detail)
+                await writer.write(anthropic_error_event(f"upstream stream broken: {detail}"))
         except FrameTooLarge as exc:
             self.outcome.fail("upstream_frame_too_large", str(exc))
             await writer.write(anthropic_error_event(str(exc)))
         finally:
             writer.stop_pinger()
+            left.cancel()
             for record in rewriter.finish():
                 self.sink.submit(record)
+        if left.timed_out:
+            log.warning("drain after disconnect timed out", extra={"interception_id": self.id})
         if rewriter.error is not None:
             self.outcome.fail(rewriter.error.type, rewriter.error.message)
-        elif not rewriter.message_stopped and self.outcome.status == "completed":
+        elif not rewriter.message_stopped and not writer.gone:
             self.outcome.fail("incomplete_stream", "upstream stream ended before message_stop")
         if writer.gone:
             self.outcome.status = "client_disconnected"
@@ -173,8 +178,9 @@ class Interception:
         rewriter: MessagesStream,
         writer: _ClientWriter,
     ) -> None:
-        chunks = resp.content.iter_any()
-        async for chunk in chunks:
+        # Once the client is gone, writes become no-ops and the loop keeps reading so the final
+        # usage is recorded; _OnClientLeft bounds that drain (or cancels at once).
+        async for chunk in resp.content.iter_any():
             frames = framer.feed(chunk)
             if frames:
                 data = rewriter.feed_all(frames)
@@ -182,37 +188,47 @@ class Interception:
                     self.sink.submit(record)
                 if data:
                     await writer.write(data)
-            if writer.gone:
-                break
-        else:
-            last = framer.flush()
-            if last is not None:
-                await writer.write(rewriter.feed(last))
+        last = framer.flush()
+        if last is not None:
+            await writer.write(rewriter.feed(last))
+
+
+class _OnClientLeft:
+    """What happens to the upstream when the client disconnects: drain (bounded) or cancel."""
+
+    def __init__(self, resp: aiohttp.ClientResponse, options: RelayOptions) -> None:
+        self._resp = resp
+        self._options = options
+        self._timer: asyncio.TimerHandle | None = None
+        self.timed_out = False
+
+    def __call__(self) -> None:
+        if self._options.on_client_disconnect == "cancel":
+            # Closing the upstream connection is what stops generation (and billing).
+            self._resp.close()
             return
-        # The client went away mid-stream.
-        if self.options.on_client_disconnect == "cancel":
-            resp.close()
-            return
-        # Drain: keep reading (bounded) so the message's final usage is recorded.
-        try:
-            async with asyncio.timeout(self.options.disconnect_drain_timeout):
-                async for chunk in chunks:
-                    rewriter.feed_all(framer.feed(chunk))
-                    for record in rewriter.take_records():
-                        self.sink.submit(record)
-        except TimeoutError:
-            resp.close()
-            log.warning(
-                "drain after client disconnect timed out", extra={"interception_id": self.id}
-            )
+        self._timer = asyncio.get_running_loop().call_later(
+            self._options.disconnect_drain_timeout, self._expire
+        )
+
+    def _expire(self) -> None:
+        self.timed_out = True
+        self._resp.close()
+
+    def cancel(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
 
 
 class _ClientWriter:
     """Writes to the client, sends pings after silence, and notices when the client is gone."""
 
-    def __init__(self, out: web.StreamResponse, ping_interval: float) -> None:
+    def __init__(
+        self, out: web.StreamResponse, ping_interval: float, on_gone: Callable[[], None]
+    ) -> None:
         self.out = out
         self.gone = False
+        self._on_gone = on_gone
         self._interval = ping_interval
         self._loop = asyncio.get_running_loop()
         self._last_write = self._loop.time()
@@ -224,9 +240,14 @@ class _ClientWriter:
         try:
             await self.out.write(data)
         except CLIENT_GONE:
-            self.gone = True
+            self.mark_gone()
             return
         self._last_write = self._loop.time()
+
+    def mark_gone(self) -> None:
+        if not self.gone:
+            self.gone = True
+            self._on_gone()
 
     def start_pinger(self) -> None:
         self._pinger = asyncio.create_task(self._ping_when_idle())
@@ -260,6 +281,3 @@ def _describe(exc: BaseException) -> str:
         return "timed out"
     text = str(exc) or type(exc).__name__
     return text[:300]
-
-
-ErrorResponder = Callable[[int, str], web.Response]
