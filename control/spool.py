@@ -24,6 +24,8 @@ from gateway.records import Record
 
 log = logging.getLogger("aibridged.spool")
 T = TypeVar("T")
+# (record_id, kind, interception_id, created_at, payload), serialised on submit.
+_Row = tuple[str, str, str, float, bytes]
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS records (
@@ -53,12 +55,24 @@ class SpooledRecord:
 class Spool:
     """Durable, batched record store implementing the data plane's ``UsageSink``."""
 
-    def __init__(self, path: Path, *, batch_max: int = 512, queue_max: int = 100_000) -> None:
+    def __init__(
+        self,
+        path: Path,
+        *,
+        batch_max: int = 2000,
+        linger: float = 0.02,
+        queue_max: int = 100_000,
+    ) -> None:
         self.path = path
         self.epoch = ""
         self.dropped = 0
         self._batch_max = batch_max
-        self._queue: asyncio.Queue[Record] = asyncio.Queue(maxsize=queue_max)
+        self._linger = linger
+        # Record ids are this run's random prefix plus a counter: unique across restarts, and
+        # cheap (no entropy syscall per record).
+        self._id_prefix = uuid.uuid4().hex[:16]
+        self._next_id = 0
+        self._queue: asyncio.Queue[_Row] = asyncio.Queue(maxsize=queue_max)
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="spool")
         self._db: sqlite3.Connection | None = None
         self._writer: asyncio.Task[None] | None = None
@@ -73,8 +87,16 @@ class Spool:
 
     def submit(self, record: Record) -> None:
         """Queue one record for the next batch; never blocks, never raises."""
+        self._next_id += 1
+        row = (
+            f"{self._id_prefix}-{self._next_id}",
+            record.kind,
+            record.interception_id,
+            _created(record),
+            orjson.dumps(record),
+        )
         try:
-            self._queue.put_nowait(record)
+            self._queue.put_nowait(row)
         except asyncio.QueueFull:
             self.dropped += 1
             log.error(
@@ -138,24 +160,18 @@ class Spool:
         self._db = db
         return epoch
 
-    def _insert(self, batch: Sequence[Record]) -> None:
+    def _insert(self, batch: Sequence[_Row]) -> None:
         assert self._db is not None
-        rows = [
-            (
-                str(uuid.uuid4()),
-                r.kind,
-                r.interception_id,
-                _created(r),
-                orjson.dumps(r),
-            )
-            for r in batch
-        ]
+        # One multi-row statement per batch: sqlite3 releases the GIL once per statement step, and
+        # every release lets the I/O-bound event loop thread stall behind this one (convoy).
+        params = [value for row in batch for value in row]
+        values = ",".join(["(?, ?, ?, ?, ?)"] * len(batch))
         with self._db:
             self._db.execute("BEGIN")
-            self._db.executemany(
+            self._db.execute(
                 "INSERT INTO records (record_id, kind, interception_id, created_at, payload)"
-                " VALUES (?, ?, ?, ?, ?)",
-                rows,
+                f" VALUES {values}",
+                params,
             )
 
     def _select(self, seq: int, limit: int) -> list[SpooledRecord]:
@@ -180,27 +196,29 @@ class Spool:
         queue = self._queue
         while True:
             batch = [await queue.get()]
-            # Whatever piled up while the previous batch was being written joins this one.
+            # Linger briefly so a busy gateway writes a few large transactions, not many small ones.
+            if self._linger:
+                await asyncio.sleep(self._linger)
             while len(batch) < self._batch_max and not queue.empty():
                 batch.append(queue.get_nowait())
             try:
                 await self._run(self._insert, batch)
             except Exception:
                 log.exception("usage spool write failed; retrying the batch in 1s")
-                for record in batch:
-                    self._requeue(record)
+                for row in batch:
+                    self._requeue(row)
                 await asyncio.sleep(1.0)
                 continue
             self._written += len(batch)
             self._progress.set()
 
-    def _requeue(self, record: Record) -> None:
+    def _requeue(self, row: _Row) -> None:
         try:
-            self._queue.put_nowait(record)
+            self._queue.put_nowait(row)
         except asyncio.QueueFull:
             self.dropped += 1
             self._written += 1
-            log.error("usage spool queue full: record dropped", extra={"kind": record.kind})
+            log.error("usage spool queue full: record dropped", extra={"kind": row[1]})
 
 
 def _created(record: Record) -> float:

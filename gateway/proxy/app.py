@@ -31,8 +31,11 @@ async def provider_shaped_errors(request: web.Request, handler: Handler) -> web.
     except web.HTTPException as exc:
         if exc.status < 400:
             raise
-        message = f"route not supported: {request.method} {request.path}"
-        if exc.status != 404:
+        if exc.status == 404:
+            message = f"route not supported: {request.method} {request.path}"
+        elif exc.status == 405:
+            message = f"method {request.method} not allowed on {request.path}"
+        else:
             message = exc.reason
         return anthropic_error(exc.status, message)
     except (ConnectionResetError, aiohttp.ClientConnectionResetError):
@@ -72,8 +75,8 @@ def build_app(settings: Settings, state: StateHolder, sink: UsageSink) -> web.Ap
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/readyz", readyz)
     app.router.add_route("*", "/{provider}/v1/messages", functools.partial(messages, services))
-    for path in ANTHROPIC_PASSTHROUGH:
-        app.router.add_route("*", "/{provider}" + path, functools.partial(passthrough, services))
+    for method, path in ANTHROPIC_PASSTHROUGH:
+        app.router.add_route(method, "/{provider}" + path, functools.partial(passthrough, services))
     return app
 
 

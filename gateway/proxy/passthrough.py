@@ -13,7 +13,12 @@ from gateway.proxy.upstream import join_url, relayed_response_headers, upstream_
 _BODY_HEADERS = ("Content-Type", "Content-Encoding")
 
 # Anthropic endpoints that are safe to relay with the central key: reads and token counting.
-ANTHROPIC_PASSTHROUGH = ("/v1/models", "/v1/models/{rest:.+}", "/v1/messages/count_tokens")
+# Other methods on these paths get 405 (a central key may be an admin key).
+ANTHROPIC_PASSTHROUGH = (
+    ("GET", "/v1/models"),
+    ("GET", "/v1/models/{rest:.+}"),
+    ("POST", "/v1/messages/count_tokens"),
+)
 
 
 async def passthrough(services: Services, request: web.Request) -> web.StreamResponse:

@@ -232,7 +232,8 @@ class _ClientWriter:
         self._interval = ping_interval
         self._loop = asyncio.get_running_loop()
         self._last_write = self._loop.time()
-        self._pinger: asyncio.Task[None] | None = None
+        self._timer: asyncio.TimerHandle | None = None
+        self._ping_task: asyncio.Task[None] | None = None
 
     async def write(self, data: bytes) -> None:
         if self.gone or not data:
@@ -250,20 +251,26 @@ class _ClientWriter:
             self._on_gone()
 
     def start_pinger(self) -> None:
-        self._pinger = asyncio.create_task(self._ping_when_idle())
+        # A timer, not a task per stream: it fires once per interval and only writes when the
+        # stream has been silent that long (the relay just stamps _last_write).
+        self._timer = self._loop.call_later(self._interval, self._check_idle)
 
     def stop_pinger(self) -> None:
-        if self._pinger is not None:
-            self._pinger.cancel()
-            self._pinger = None
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        if self._ping_task is not None:
+            self._ping_task.cancel()
+            self._ping_task = None
 
-    async def _ping_when_idle(self) -> None:
-        while not self.gone:
-            delay = self._last_write + self._interval - self._loop.time()
-            if delay > 0:
-                await asyncio.sleep(delay)
-                continue
-            await self.write(ANTHROPIC_PING)
+    def _check_idle(self) -> None:
+        if self.gone:
+            return
+        idle = self._loop.time() - self._last_write
+        if idle >= self._interval and (self._ping_task is None or self._ping_task.done()):
+            self._ping_task = self._loop.create_task(self.write(ANTHROPIC_PING))
+            idle = 0.0
+        self._timer = self._loop.call_later(self._interval - idle, self._check_idle)
 
 
 def _relayed(resp: aiohttp.ClientResponse) -> CIMultiDict[str]:

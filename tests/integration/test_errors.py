@@ -1,0 +1,419 @@
+"""Every failure a client can meet through the gateway, over real HTTP.
+
+Each case checks what a user of the gateway would see: the status, an Anthropic-shaped error body
+with a message that says what went wrong (never a traceback), what reached the provider, and what
+the spool recorded (failed interceptions are recorded as failed, rejected requests not at all).
+"""
+
+from __future__ import annotations
+
+import json
+import socket
+from collections.abc import AsyncIterator
+from typing import Any
+
+import aiohttp
+import anthropic
+import pytest
+from multidict import CIMultiDictProxy
+
+from gateway.testing import Reply, load_txtar, split_events
+from tests.conftest import FIXTURES, GATEWAY_KEY, UPSTREAM_KEY, Gateway, GatewayFactory, by_kind
+
+ANTHROPIC = FIXTURES / "anthropic"
+REQUEST: dict[str, Any] = {
+    "model": "claude-sonnet-4-5",
+    "max_tokens": 1024,
+    "messages": [{"role": "user", "content": "Say hi."}],
+}
+
+
+def body_of(**changes: Any) -> bytes:
+    """The default request with fields replaced (a value of ``...`` removes the field)."""
+    obj = {**REQUEST, **changes}
+    return json.dumps({k: v for k, v in obj.items() if v is not ...}).encode()
+
+
+def client_headers(**extra: str) -> dict[str, str]:
+    return {
+        "x-api-key": GATEWAY_KEY,
+        "anthropic-version": "2023-06-01",
+        "content-type": "application/json",
+        **extra,
+    }
+
+
+async def send(
+    url: str,
+    data: bytes | AsyncIterator[bytes] | None = None,
+    *,
+    method: str = "POST",
+    headers: dict[str, str] | None = None,
+) -> tuple[int, CIMultiDictProxy[str], bytes]:
+    """One request with a fresh session: ``(status, headers, body bytes)``."""
+    async with (
+        aiohttp.ClientSession() as session,
+        session.request(
+            method, url, data=data, headers=client_headers() if headers is None else headers
+        ) as resp,
+    ):
+        return resp.status, resp.headers, await resp.read()
+
+
+def assert_error(
+    status: int, body: bytes, expected_status: int, error_type: str, *needles: str
+) -> str:
+    """An Anthropic-shaped error with a message mentioning every needle; returns the message."""
+    assert status == expected_status, body
+    assert b"Traceback" not in body
+    assert b'File "' not in body
+    obj = json.loads(body)
+    assert obj["type"] == "error", obj
+    assert obj["error"]["type"] == error_type, obj
+    message = obj["error"]["message"]
+    assert isinstance(message, str)
+    assert message.strip()
+    for needle in needles:
+        assert needle.lower() in message.lower(), message
+    return message
+
+
+def dead_port() -> int:
+    """A loopback port nothing listens on (bound then released)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+    return port
+
+
+def stream_body() -> bytes:
+    return body_of(stream=True)
+
+
+def sse_events(body: bytes) -> list[tuple[str, bytes]]:
+    """``(event name, data)`` of each SSE event in ``body``."""
+    out: list[tuple[str, bytes]] = []
+    for raw in split_events(body):
+        name, data = "", b""
+        for line in raw.split(b"\n"):
+            if line.startswith(b"event:"):
+                name = line[6:].strip().decode()
+            elif line.startswith(b"data:"):
+                data = line[5:].strip()
+        out.append((name, data))
+    return out
+
+
+def one_end(records: list[Any]) -> dict[str, Any]:
+    ended = by_kind(records, "interception_ended")
+    assert len(ended) == 1, ended
+    return ended[0]
+
+
+# -- malformed requests: 400, nothing sent upstream, nothing recorded ---------------------------
+
+BAD_BODIES = [
+    pytest.param(b"", ("empty",), id="empty-body"),
+    pytest.param(b'{"model": "claude-sonnet-4-5", "messages": [', ("json",), id="invalid-json"),
+    pytest.param(b'[{"model": "claude-sonnet-4-5"}]', ("object",), id="json-array"),
+    pytest.param(body_of(model=...), ("model",), id="missing-model"),
+    pytest.param(body_of(model=42), ("model", "string"), id="model-not-string"),
+    pytest.param(body_of(messages=...), ("messages",), id="missing-messages"),
+    pytest.param(body_of(messages={"role": "user"}), ("messages", "array"), id="messages-object"),
+    pytest.param(body_of(stream="yes"), ("stream", "boolean"), id="stream-not-bool"),
+    pytest.param(body_of(max_tokens="1024"), ("max_tokens",), id="max-tokens-string"),
+]
+
+
+@pytest.mark.parametrize(("body", "needles"), BAD_BODIES)
+async def test_malformed_request_is_400_and_never_reaches_upstream(
+    gateway: Gateway, body: bytes, needles: tuple[str, ...]
+) -> None:
+    status, headers, out = await send(f"{gateway.url}/v1/messages", body)
+
+    assert_error(status, out, 400, "invalid_request_error", *needles)
+    assert headers["Content-Type"].startswith("application/json")
+    assert gateway.upstream.requests == []
+    assert await gateway.records() == []
+
+
+async def test_sdk_sees_bad_request_error(gateway: Gateway) -> None:
+    async with anthropic.AsyncAnthropic(
+        base_url=gateway.url, api_key=GATEWAY_KEY, max_retries=0
+    ) as client:
+        with pytest.raises(anthropic.BadRequestError) as caught:
+            await client.messages.create(
+                model="claude-sonnet-4-5",
+                max_tokens=1024,
+                messages=[{"role": "user", "content": "hi"}],
+                extra_body={"max_tokens": "lots"},
+            )
+    assert caught.value.status_code == 400
+    assert caught.value.type == "invalid_request_error"
+    assert caught.value.api_message is not None
+    assert "max_tokens" in caught.value.api_message
+    assert gateway.upstream.requests == []
+    assert await gateway.records() == []
+
+
+# -- body too large -------------------------------------------------------------------------------
+
+
+def oversized() -> bytes:
+    padding = "x" * 2048
+    return body_of(messages=[{"role": "user", "content": padding}])
+
+
+async def test_body_over_limit_is_413(make_gateway: GatewayFactory) -> None:
+    gw = await make_gateway(max_body_bytes=1024)
+    body = oversized()
+    assert len(body) > 2048
+
+    status, _, out = await send(f"{gw.url}/v1/messages", body)
+
+    assert_error(status, out, 413, "request_too_large", "1024")
+    assert gw.upstream.requests == []
+    assert await gw.records() == []
+
+
+async def test_chunked_body_over_limit_is_413(make_gateway: GatewayFactory) -> None:
+    gw = await make_gateway(max_body_bytes=1024)
+    body = oversized()
+
+    async def chunks() -> AsyncIterator[bytes]:
+        for i in range(0, len(body), 512):
+            yield body[i : i + 512]
+
+    status, _, out = await send(f"{gw.url}/v1/messages", chunks())
+
+    assert_error(status, out, 413, "request_too_large")
+    assert gw.upstream.requests == []
+    assert await gw.records() == []
+
+
+async def test_body_at_limit_is_accepted(make_gateway: GatewayFactory) -> None:
+    gw = await make_gateway(max_body_bytes=1024)
+    fx = load_txtar(ANTHROPIC / "text.txtar")
+    gw.upstream.enqueue(Reply.from_section(fx["non-streaming"]))
+    body = body_of()
+    body += b" " * (1024 - len(body))
+
+    status, _, _ = await send(f"{gw.url}/v1/messages", body)
+
+    assert status == 200
+    assert gw.upstream.requests[-1].body == body
+
+
+# -- routes and methods ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "path", ["/nope", "/anthropic/v1/complete", "/unknown-provider/v1/messages"]
+)
+async def test_unknown_route_is_404_in_anthropic_shape(gateway: Gateway, path: str) -> None:
+    status, headers, out = await send(gateway.root + path, body_of())
+
+    assert_error(status, out, 404, "not_found_error", path)
+    assert headers["Content-Type"].startswith("application/json")
+    assert gateway.upstream.requests == []
+    assert await gateway.records() == []
+
+
+async def test_get_on_messages_is_405(gateway: Gateway) -> None:
+    status, headers, out = await send(f"{gateway.url}/v1/messages", method="GET")
+
+    assert_error(status, out, 405, "invalid_request_error", "GET")
+    assert headers["Content-Type"].startswith("application/json")
+    assert gateway.upstream.requests == []
+    assert await gateway.records() == []
+
+
+# -- upstream unreachable -------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("stream", [False, True], ids=["blocking", "streaming"])
+async def test_unreachable_upstream_is_502(make_gateway: GatewayFactory, stream: bool) -> None:
+    gw = await make_gateway(
+        providers=[
+            {
+                "name": "anthropic",
+                "type": "anthropic",
+                "base_url": f"http://127.0.0.1:{dead_port()}",
+                "api_key": UPSTREAM_KEY,
+            }
+        ]
+    )
+
+    status, headers, out = await send(f"{gw.url}/v1/messages", body_of(stream=stream))
+
+    assert_error(status, out, 502, "api_error", "upstream")
+    assert headers["Content-Type"].startswith("application/json")
+    records = await gw.records()
+    started = by_kind(records, "interception_started")
+    assert len(started) == 1
+    assert started[0]["streaming"] is stream
+    end = one_end(records)
+    assert end["status"] == "failed"
+    assert end["interception_id"] == started[0]["interception_id"]
+    assert end["error_type"]
+
+
+async def test_sdk_sees_internal_server_error_when_upstream_unreachable(
+    make_gateway: GatewayFactory,
+) -> None:
+    gw = await make_gateway(
+        providers=[
+            {
+                "name": "anthropic",
+                "type": "anthropic",
+                "base_url": f"http://127.0.0.1:{dead_port()}",
+                "api_key": UPSTREAM_KEY,
+            }
+        ]
+    )
+    async with anthropic.AsyncAnthropic(
+        base_url=gw.url, api_key=GATEWAY_KEY, max_retries=0
+    ) as client:
+        with pytest.raises(anthropic.InternalServerError) as caught:
+            await client.messages.create(**REQUEST, stream=True)
+    assert caught.value.status_code == 502
+    assert caught.value.type == "api_error"
+    assert "upstream" in (caught.value.api_message or "")
+
+
+# -- upstream error before the stream -------------------------------------------------------------
+
+
+@pytest.mark.parametrize("section", ["streaming", "non-streaming"])
+async def test_pre_stream_error_is_relayed_with_headers(gateway: Gateway, section: str) -> None:
+    reply = Reply.from_section(load_txtar(ANTHROPIC / "pre_stream_error.txtar")[section])
+    gateway.upstream.enqueue(reply)
+
+    status, headers, out = await send(
+        f"{gateway.url}/v1/messages", body_of(stream=section == "streaming")
+    )
+
+    assert status == 429
+    assert out == reply.body
+    assert headers["retry-after"] == "17"
+    assert headers["request-id"] == reply.headers["request-id"]
+    assert headers["anthropic-ratelimit-requests-remaining"] == "0"
+    assert headers["Content-Type"].startswith("application/json")
+    assert len(gateway.upstream.requests) == 1
+    records = await gateway.records()
+    assert len(by_kind(records, "interception_started")) == 1
+    end = one_end(records)
+    assert end["status"] == "failed"
+    assert end["error_type"] == "rate_limit_error"
+    assert end["upstream_status"] == 429
+
+
+@pytest.mark.parametrize("stream", [False, True], ids=["blocking", "streaming"])
+async def test_sdk_sees_rate_limit_error(gateway: Gateway, stream: bool) -> None:
+    section = "streaming" if stream else "non-streaming"
+    reply = Reply.from_section(load_txtar(ANTHROPIC / "pre_stream_error.txtar")[section])
+    gateway.upstream.enqueue(reply)
+
+    async with anthropic.AsyncAnthropic(
+        base_url=gateway.url, api_key=GATEWAY_KEY, max_retries=0
+    ) as client:
+        with pytest.raises(anthropic.RateLimitError) as caught:
+            await client.messages.create(**REQUEST, stream=stream)
+
+    expected = json.loads(reply.body)
+    assert caught.value.status_code == 429
+    assert caught.value.type == "rate_limit_error"
+    assert caught.value.api_message == expected["error"]["message"]
+    assert caught.value.request_id == reply.headers["request-id"]
+    assert len(gateway.upstream.requests) == 1
+
+
+# -- upstream error inside the stream -------------------------------------------------------------
+
+
+async def test_mid_stream_error_is_relayed_verbatim(gateway: Gateway) -> None:
+    reply = Reply.from_section(load_txtar(ANTHROPIC / "mid_stream_error.txtar")["streaming"])
+    gateway.upstream.enqueue(reply)
+
+    status, headers, out = await send(f"{gateway.url}/v1/messages", stream_body())
+
+    assert status == 200
+    assert headers["Content-Type"].startswith("text/event-stream")
+    records = await gateway.records()
+    started = by_kind(records, "interception_started")
+    assert len(started) == 1
+    interception_id = started[0]["interception_id"]
+    expected = reply.body.replace(
+        b'"msg_0165yk7Pz7dqa6wMVK91MtoE"', json.dumps(interception_id).encode()
+    )
+    assert expected != reply.body
+    assert out == expected
+    error_frame = split_events(reply.body)[-1]
+    assert error_frame.startswith(b"event: error\n")
+    assert error_frame in out
+    assert out.endswith(error_frame)
+
+    end = one_end(records)
+    assert end["status"] == "failed"
+    assert end["error_type"] == "overloaded_error"
+    usage = by_kind(records, "token_usage")
+    assert len(usage) == 1
+    assert usage[0]["input"] == 14
+    assert usage[0]["msg_id"] == "msg_0165yk7Pz7dqa6wMVK91MtoE"
+
+
+async def test_sdk_sees_mid_stream_error(gateway: Gateway) -> None:
+    reply = Reply.from_section(load_txtar(ANTHROPIC / "mid_stream_error.txtar")["streaming"])
+    gateway.upstream.enqueue(reply)
+    seen: list[str] = []
+
+    async with anthropic.AsyncAnthropic(
+        base_url=gateway.url, api_key=GATEWAY_KEY, max_retries=0
+    ) as client:
+        events = await client.messages.create(**REQUEST, stream=True)
+        with pytest.raises(anthropic.APIStatusError) as caught:
+            async for event in events:
+                seen.append(event.type)
+
+    assert caught.value.type == "overloaded_error"
+    assert caught.value.api_message == "Overloaded"
+    assert seen[0] == "message_start"
+    assert seen.count("content_block_delta") == 3
+
+
+async def test_upstream_cut_mid_stream_ends_with_error_event(gateway: Gateway) -> None:
+    text = load_txtar(ANTHROPIC / "text.txtar")["streaming"]
+    reply = Reply.from_section(text)
+    reply.cut_after = 3
+    gateway.upstream.enqueue(reply)
+
+    status, _, out = await send(f"{gateway.url}/v1/messages", stream_body())
+
+    assert status == 200
+    events = sse_events(out)
+    assert [name for name, _ in events[:3]] == ["message_start", "content_block_start", "ping"]
+    # The client is told the stream broke instead of seeing a silent truncation.
+    name, data = events[-1]
+    assert name == "error"
+    error = json.loads(data)
+    assert error["type"] == "error"
+    assert error["error"]["type"] == "api_error"
+    assert "upstream" in error["error"]["message"]
+    assert b"Traceback" not in out
+    assert out.endswith(b"\n\n")
+    assert b"message_stop" not in out
+    end = one_end(await gateway.records())
+    assert end["status"] == "failed"
+
+
+async def test_non_json_200_to_blocking_request_is_relayed_and_failed(gateway: Gateway) -> None:
+    junk = b"<html><body>upstream proxy says hello</body></html>"
+    gateway.upstream.enqueue(Reply(status=200, headers={"Content-Type": "text/html"}, body=junk))
+
+    status, _, out = await send(f"{gateway.url}/v1/messages", body_of())
+
+    assert status == 200
+    assert out == junk
+    records = await gateway.records()
+    assert len(by_kind(records, "interception_started")) == 1
+    assert one_end(records)["status"] == "failed"
