@@ -7,7 +7,6 @@ ends the interception with exactly one ``InterceptionEnded`` record.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -167,8 +166,7 @@ class Interception:
         if writer.gone:
             self.outcome.status = "client_disconnected"
         else:
-            with contextlib.suppress(*CLIENT_GONE):
-                await out.write_eof()
+            await writer.close(b"")
         return out
 
     async def _pump(
@@ -186,7 +184,11 @@ class Interception:
                 data = rewriter.feed_all(frames)
                 for record in rewriter.take_records():
                     self.sink.submit(record)
-                if data:
+                if rewriter.message_stopped and not writer.closed:
+                    # message_stop ends an Anthropic stream: send it with the end of the body
+                    # in one write, then read the upstream to its end (normally nothing left).
+                    await writer.close(data)
+                elif data:
                     await writer.write(data)
         last = framer.flush()
         if last is not None:
@@ -228,6 +230,7 @@ class _ClientWriter:
     ) -> None:
         self.out = out
         self.gone = False
+        self.closed = False
         self._on_gone = on_gone
         self._interval = ping_interval
         self._loop = asyncio.get_running_loop()
@@ -236,7 +239,7 @@ class _ClientWriter:
         self._ping_task: asyncio.Task[None] | None = None
 
     async def write(self, data: bytes) -> None:
-        if self.gone or not data:
+        if self.gone or self.closed or not data:
             return
         try:
             await self.out.write(data)
@@ -244,6 +247,17 @@ class _ClientWriter:
             self.mark_gone()
             return
         self._last_write = self._loop.time()
+
+    async def close(self, data: bytes) -> None:
+        """Send ``data`` and the end of the body together; later writes are dropped."""
+        if self.gone or self.closed:
+            return
+        self.closed = True
+        self.stop_pinger()
+        try:
+            await self.out.write_eof(data)
+        except CLIENT_GONE:
+            self.mark_gone()
 
     def mark_gone(self) -> None:
         if not self.gone:
@@ -264,7 +278,7 @@ class _ClientWriter:
             self._ping_task = None
 
     def _check_idle(self) -> None:
-        if self.gone:
+        if self.gone or self.closed:
             return
         idle = self._loop.time() - self._last_write
         if idle >= self._interval and (self._ping_task is None or self._ping_task.done()):

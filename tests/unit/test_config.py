@@ -1,0 +1,266 @@
+"""Unit tests for gateway.config: settings sources, validation, secrets kept out of repr."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from pathlib import Path
+from typing import Any
+
+import orjson
+import pytest
+import yaml
+from pydantic import ValidationError
+
+from gateway.config import ConfigError, Settings, load_settings
+from gateway.state import Snapshot
+
+PROVIDER_SECRET = "sk-ant-provider-secret-0123456789"
+CLIENT_SECRET = "gw-client-secret-abcdefghij"
+
+
+@pytest.fixture(autouse=True)
+def clean_env(monkeypatch: pytest.MonkeyPatch) -> None:
+    for name in list(os.environ):
+        if name.startswith("AIBRIDGED_"):
+            monkeypatch.delenv(name)
+
+
+def _yaml(tmp_path: Path, content: dict[str, Any]) -> Path:
+    path = tmp_path / "aibridged.yaml"
+    path.write_text(yaml.safe_dump(content))
+    return path
+
+
+# -- precedence -------------------------------------------------------------------------------
+
+
+def test_defaults() -> None:
+    settings = load_settings()
+    assert settings.listen == "127.0.0.1:8080"
+    assert settings.ping_interval == 10.0
+    assert settings.log_level == "info"
+    assert settings.on_client_disconnect == "drain"
+    assert [(p.name, p.type, p.base_url) for p in settings.providers] == [
+        ("anthropic", "anthropic", "https://api.anthropic.com")
+    ]
+    assert settings.api_keys == []
+
+
+def test_precedence_defaults_file_env_overrides(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    config = _yaml(
+        tmp_path,
+        {
+            "listen": "127.0.0.1:9001",
+            "control_listen": "127.0.0.1:9101",
+            "metrics_listen": "127.0.0.1:9201",
+            "ping_interval": 3.5,
+        },
+    )
+    # File over defaults.
+    settings = load_settings(config)
+    assert settings.listen == "127.0.0.1:9001"
+    assert settings.control_listen == "127.0.0.1:9101"
+    assert settings.metrics_listen == "127.0.0.1:9201"
+    assert settings.ping_interval == 3.5
+    assert settings.shutdown_grace == 30.0  # untouched default
+
+    # Environment over file.
+    monkeypatch.setenv("AIBRIDGED_LISTEN", "127.0.0.1:9002")
+    monkeypatch.setenv("AIBRIDGED_CONTROL_LISTEN", "127.0.0.1:9102")
+    monkeypatch.setenv("AIBRIDGED_SHUTDOWN_GRACE", "5")
+    settings = load_settings(config)
+    assert settings.listen == "127.0.0.1:9002"
+    assert settings.control_listen == "127.0.0.1:9102"
+    assert settings.metrics_listen == "127.0.0.1:9201"
+    assert settings.ping_interval == 3.5
+    assert settings.shutdown_grace == 5.0
+
+    # Overrides (flags) over environment.
+    settings = load_settings(config, listen="127.0.0.1:9003")
+    assert settings.listen == "127.0.0.1:9003"
+    assert settings.control_listen == "127.0.0.1:9102"
+    assert settings.metrics_listen == "127.0.0.1:9201"
+
+
+def test_env_over_defaults_without_file(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("AIBRIDGED_LOG_LEVEL", "debug")
+    monkeypatch.setenv("AIBRIDGED_ALLOW_BYOK", "false")
+    settings = load_settings()
+    assert settings.log_level == "debug"
+    assert settings.allow_byok is False
+    assert load_settings(None, log_level="error").log_level == "error"
+
+
+def test_file_path_does_not_leak_into_later_loads(tmp_path: Path) -> None:
+    config = _yaml(tmp_path, {"listen": "127.0.0.1:9009"})
+    assert load_settings(config).listen == "127.0.0.1:9009"
+    assert load_settings().listen == "127.0.0.1:8080"
+    assert Settings().listen == "127.0.0.1:8080"
+
+
+def test_providers_from_env_json(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv(
+        "AIBRIDGED_PROVIDERS",
+        orjson.dumps([{"name": "oa", "type": "openai"}]).decode(),
+    )
+    settings = load_settings()
+    assert [(p.name, p.base_url) for p in settings.providers] == [
+        ("oa", "https://api.openai.com/v1")
+    ]
+
+
+# -- providers and keys -----------------------------------------------------------------------
+
+
+def test_providers_from_yaml_with_api_key_env(tmp_path: Path) -> None:
+    config = _yaml(
+        tmp_path,
+        {
+            "providers": [
+                {"name": "claude", "type": "anthropic", "api_key_env": "MY_CLAUDE_KEY"},
+                {"name": "oa", "type": "openai"},
+                {
+                    "name": "local-proxy",
+                    "type": "anthropic",
+                    "base_url": "http://127.0.0.1:9999/",
+                    "api_key": PROVIDER_SECRET,
+                    "send_actor_headers": True,
+                },
+            ],
+            "api_keys": [
+                {"key": CLIENT_SECRET, "actor_id": "u-1", "username": "alice"},
+                {"key_sha256": "AB" * 32, "actor_id": "u-2", "key_id": "bob-key"},
+            ],
+        },
+    )
+    settings = load_settings(config)
+    snapshot = Snapshot.from_settings(
+        settings,
+        environ={
+            "MY_CLAUDE_KEY": "sk-claude-from-env",
+            "ANTHROPIC_API_KEY": "sk-wrong-default",
+            "OPENAI_API_KEY": "sk-openai-from-env",
+        },
+    )
+    providers = snapshot.providers
+    assert list(providers) == ["claude", "oa", "local-proxy"]
+    assert providers["claude"].api_key == "sk-claude-from-env"
+    assert providers["claude"].base_url == "https://api.anthropic.com"
+    assert providers["oa"].api_key == "sk-openai-from-env"
+    assert providers["oa"].base_url == "https://api.openai.com/v1"
+    assert providers["local-proxy"].api_key == PROVIDER_SECRET
+    assert providers["local-proxy"].base_url == "http://127.0.0.1:9999"
+    assert providers["local-proxy"].send_actor_headers is True
+
+    alice = snapshot.find_key(CLIENT_SECRET)
+    assert alice is not None
+    assert alice.actor.id == "u-1"
+    assert alice.sha256 == hashlib.sha256(CLIENT_SECRET.encode()).hexdigest()
+    assert snapshot.keys["ab" * 32].key_id == "bob-key"
+    assert snapshot.find_key("not-a-key") is None
+    assert not snapshot.personal_mode
+    assert CLIENT_SECRET not in repr(snapshot)
+    assert PROVIDER_SECRET not in repr(snapshot)
+
+
+def test_missing_env_key_is_empty() -> None:
+    settings = load_settings(None, providers=[{"name": "claude", "type": "anthropic"}])
+    snapshot = Snapshot.from_settings(settings, environ={})
+    assert snapshot.providers["claude"].api_key == ""
+    assert snapshot.personal_mode
+
+
+# -- validation -------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("overrides", "needles"),
+    [
+        (
+            {"providers": [{"name": "Bad_Name", "type": "anthropic"}]},
+            ["providers.0.name", "pattern"],
+        ),
+        (
+            {
+                "providers": [
+                    {"name": "dup", "type": "anthropic"},
+                    {"name": "ok", "type": "openai"},
+                    {"name": "dup", "type": "openai"},
+                ]
+            },
+            ["providers", "duplicate provider name", "dup"],
+        ),
+        ({"providers": [{"name": "x", "type": "gemini"}]}, ["providers.0.type"]),
+        (
+            {"providers": [{"name": "x", "type": "anthropic", "base_url": "ftp://h"}]},
+            ["providers.0", "base_url"],
+        ),
+        ({"providers": [{"name": "x", "type": "anthropic", "apikey": "k"}]}, ["apikey"]),
+        ({"listen": "nope"}, ["listen", "nope"]),
+        ({"control_listen": "host:port"}, ["control_listen"]),
+        ({"metrics_listen": "127.0.0.1:70000"}, ["metrics_listen"]),
+        (
+            {"api_keys": [{"key": "k", "key_sha256": "a" * 64, "actor_id": "u-1"}]},
+            ["api_keys.0", "key_sha256"],
+        ),
+        ({"api_keys": [{"actor_id": "u-1"}]}, ["api_keys.0", "key_sha256"]),
+        ({"api_keys": [{"key_sha256": "xyz", "actor_id": "u-1"}]}, ["api_keys.0", "sha256"]),
+        ({"ping_interval": 0}, ["ping_interval"]),
+        ({"on_client_disconnect": "ignore"}, ["on_client_disconnect"]),
+        ({"no_such_setting": 1}, ["no_such_setting"]),
+    ],
+)
+def test_invalid_settings_name_the_field(overrides: dict[str, Any], needles: list[str]) -> None:
+    with pytest.raises(ValidationError) as info:
+        load_settings(None, **overrides)
+    message = str(info.value)
+    for needle in needles:
+        assert needle in message
+
+
+def test_invalid_provider_in_yaml(tmp_path: Path) -> None:
+    config = _yaml(tmp_path, {"providers": [{"name": "UPPER", "type": "anthropic"}]})
+    with pytest.raises(ValidationError) as info:
+        load_settings(config)
+    assert "providers.0.name" in str(info.value)
+
+
+def test_bad_listen_from_env(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("AIBRIDGED_LISTEN", "nope")
+    with pytest.raises(ValidationError) as info:
+        load_settings()
+    assert "listen" in str(info.value)
+
+
+@pytest.mark.parametrize("listen", ["unix:/run/aibridged.sock", "[::1]:8080", "0.0.0.0:0"])
+def test_valid_listen_forms(listen: str) -> None:
+    assert load_settings(None, listen=listen).listen == listen
+
+
+def test_missing_config_file(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError) as info:
+        load_settings(tmp_path / "absent.yaml")
+    assert "absent.yaml" in str(info.value)
+
+
+# -- secrets ----------------------------------------------------------------------------------
+
+
+def test_repr_hides_secrets(tmp_path: Path) -> None:
+    config = _yaml(
+        tmp_path,
+        {
+            "providers": [{"name": "anthropic", "type": "anthropic", "api_key": PROVIDER_SECRET}],
+            "api_keys": [{"key": CLIENT_SECRET, "actor_id": "u-1"}],
+        },
+    )
+    settings = load_settings(config)
+    assert settings.providers[0].api_key == PROVIDER_SECRET
+    assert settings.api_keys[0].key == CLIENT_SECRET
+    for text in (repr(settings), str(settings), repr(settings.providers), repr(settings.api_keys)):
+        assert PROVIDER_SECRET not in text
+        assert CLIENT_SECRET not in text
+    assert "u-1" in repr(settings)

@@ -1,0 +1,187 @@
+"""Unit tests for gateway.sse.framing: incremental SSE framing on bytes."""
+
+from __future__ import annotations
+
+from itertools import pairwise
+from pathlib import Path
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from gateway.sse import Frame, FrameTooLarge, SSEFramer
+from gateway.testing import load_txtar, split_events
+
+FIXTURES = Path(__file__).resolve().parents[1] / "fixtures" / "anthropic"
+
+
+def _sse_streams() -> list[tuple[str, bytes]]:
+    streams = []
+    for path in sorted(FIXTURES.glob("*.txtar")):
+        text = load_txtar(path).get("streaming")
+        if text is not None and not text.startswith("HTTP/"):
+            streams.append((path.stem, text.encode()))
+    return streams
+
+
+STREAMS = _sse_streams()
+STREAM_IDS = [name for name, _ in STREAMS]
+CUTS = st.lists(st.integers(min_value=0, max_value=1 << 20), max_size=40)
+
+
+def _chunks(data: bytes, cuts: list[int]) -> list[bytes]:
+    points = sorted({c % (len(data) + 1) for c in cuts})
+    bounds = [0, *points, len(data)]
+    return [data[a:b] for a, b in pairwise(bounds)]
+
+
+def _frame_all(data: bytes, cuts: list[int], max_frame_bytes: int | None = None) -> list[Frame]:
+    framer = SSEFramer() if max_frame_bytes is None else SSEFramer(max_frame_bytes)
+    frames: list[Frame] = []
+    for chunk in _chunks(data, cuts):
+        frames.extend(framer.feed(chunk))
+    rest = framer.flush()
+    if rest is not None:
+        frames.append(rest)
+    assert framer.pending == 0
+    return frames
+
+
+def test_fixtures_found() -> None:
+    assert len(STREAMS) >= 6
+    for _, data in STREAMS:
+        assert b"\r" not in data
+
+
+@pytest.mark.parametrize(("name", "data"), STREAMS, ids=STREAM_IDS)
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(cuts=CUTS)
+def test_any_split_lf(name: str, data: bytes, cuts: list[int]) -> None:
+    frames = _frame_all(data, cuts)
+    assert b"".join(f.raw for f in frames) == data
+    events = split_events(data)
+    assert len(frames) == len(events)
+    assert [f.raw for f in frames] == events
+
+
+@pytest.mark.parametrize(("name", "data"), STREAMS, ids=STREAM_IDS)
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(cuts=CUTS)
+def test_any_split_crlf(name: str, data: bytes, cuts: list[int]) -> None:
+    crlf = data.replace(b"\n", b"\r\n")
+    frames = _frame_all(crlf, cuts)
+    assert b"".join(f.raw for f in frames) == crlf
+    lf_frames = _frame_all(data, [])
+    assert len(frames) == len(lf_frames) == len(split_events(data))
+    assert [f.event for f in frames] == [f.event for f in lf_frames]
+    assert [f.data for f in frames] == [f.data for f in lf_frames]
+    assert [f.raw.replace(b"\r\n", b"\n") for f in frames] == [f.raw for f in lf_frames]
+
+
+@pytest.mark.parametrize("crlf", [False, True])
+def test_byte_by_byte(crlf: bool) -> None:
+    data = dict(STREAMS)["text"]
+    if crlf:
+        data = data.replace(b"\n", b"\r\n")
+    framer = SSEFramer()
+    frames: list[Frame] = []
+    for i in range(len(data)):
+        frames.extend(framer.feed(data[i : i + 1]))
+    assert framer.flush() is None
+    assert b"".join(f.raw for f in frames) == data
+    assert len(frames) == len(split_events(data.replace(b"\r\n", b"\n")))
+    assert frames[0].event == "message_start"
+    assert frames[-1].event == "message_stop"
+
+
+def test_frame_emitted_as_soon_as_complete() -> None:
+    framer = SSEFramer()
+    assert framer.feed(b"event: a\ndata: 1\n") == []
+    assert framer.pending == len(b"event: a\ndata: 1\n")
+    frames = framer.feed(b"\nevent: b\n")
+    assert [f.raw for f in frames] == [b"event: a\ndata: 1\n\n"]
+    assert framer.pending == len(b"event: b\n")
+
+
+def test_event_and_data_parsing() -> None:
+    frames = SSEFramer().feed(
+        b"event: delta\ndata: first\ndata:second\ndata:  third\ndata\n\n"
+        b'data: {"a": 1}\n\n'
+        b"event:no-space\n: a comment inside\ndata: x\n\n"
+    )
+    assert len(frames) == 3
+    multi, plain, nospace = frames
+    assert multi.event == "delta"
+    assert multi.data == b"first\nsecond\n third\n"
+    assert not multi.is_comment
+    assert plain.event == ""
+    assert plain.data == b'{"a": 1}'
+    assert nospace.event == "no-space"
+    assert nospace.data == b"x"
+
+
+def test_data_before_event_line() -> None:
+    (frame,) = SSEFramer().feed(b"data: payload\nevent: late\n\n")
+    assert frame.data == b"payload"
+    assert frame.event == "late"
+
+
+def test_crlf_event_and_data() -> None:
+    (frame,) = SSEFramer().feed(b"event: ping\r\ndata: a\r\ndata: b\r\n\r\n")
+    assert frame.event == "ping"
+    assert frame.data == b"a\nb"
+
+
+def test_comment_frame() -> None:
+    (frame,) = SSEFramer().feed(b": keep-alive\n\n")
+    assert frame.raw == b": keep-alive\n\n"
+    assert frame.is_comment
+    assert frame.event == ""
+    assert frame.data == b""
+
+
+def test_flush_returns_unterminated_event() -> None:
+    framer = SSEFramer()
+    assert [f.raw for f in framer.feed(b"event: a\ndata: 1\n\nevent: b\ndata: 2")] == [
+        b"event: a\ndata: 1\n\n"
+    ]
+    rest = framer.flush()
+    assert rest is not None
+    assert rest.raw == b"event: b\ndata: 2"
+    assert rest.event == "b"
+    assert rest.data == b"2"
+    assert framer.pending == 0
+    assert framer.flush() is None
+
+
+def test_flush_ignores_whitespace_only_tail() -> None:
+    framer = SSEFramer()
+    framer.feed(b"data: 1\n\n\n")
+    assert framer.flush() is None
+
+
+def test_frame_too_large_unterminated() -> None:
+    framer = SSEFramer(max_frame_bytes=100)
+    framer.feed(b"data: " + b"x" * 60)
+    with pytest.raises(FrameTooLarge):
+        framer.feed(b"x" * 60)
+
+
+def test_frame_too_large_single_chunk() -> None:
+    with pytest.raises(FrameTooLarge):
+        SSEFramer(max_frame_bytes=100).feed(b"event: big\ndata: " + b"x" * 200)
+
+
+def test_frame_at_limit_is_accepted() -> None:
+    framer = SSEFramer(max_frame_bytes=100)
+    body = b"data: " + b"x" * 92  # 98 bytes, still unterminated but within the limit
+    assert framer.feed(body) == []
+    (frame,) = framer.feed(b"\n\n")
+    assert frame.raw == body + b"\n\n"
+
+
+def test_frame_equality_and_hash() -> None:
+    a, b = Frame(b"data: 1\n\n"), Frame(b"data: 1\n\n")
+    assert a == b
+    assert hash(a) == hash(b)
+    assert a != Frame(b"data: 2\n\n")

@@ -1,0 +1,261 @@
+"""Unit tests for control.spool: the SQLite WAL record spool."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import orjson
+import pytest
+
+from control.spool import Spool, SpooledRecord
+from gateway.records import (
+    InterceptionEnded,
+    InterceptionStarted,
+    ModelThought,
+    PromptUsage,
+    Record,
+    TokenUsage,
+    ToolUsage,
+)
+
+
+def _record(i: int) -> Record:
+    iid = f"intc-{i // 6}"
+    match i % 6:
+        case 0:
+            return InterceptionStarted(
+                interception_id=iid,
+                provider="anthropic",
+                provider_name="anthropic",
+                model="claude-sonnet-4-5",
+                actor_id="u-1",
+                username="alice",
+                actor_metadata={"team": "core", "n": str(i)},
+                client="claude-code",
+                user_agent="ua/1.0",
+                client_session_id=None if i % 12 else f"sess-{i}",
+                correlating_tool_call_id=None,
+                credential_kind="centralized",
+                credential_hint="sk-...mnop",
+                streaming=bool(i % 2),
+            )
+        case 1:
+            return TokenUsage(
+                iid,
+                f"msg_{i}",
+                input=i,
+                output=2 * i,
+                cache_read=3,
+                cache_write=4,
+                cache_write_5m=1,
+                cache_write_1h=3,
+                extra={"web_search_requests": i % 5},
+            )
+        case 2:
+            return PromptUsage(iid, f"msg_{i}", f"prompt #{i} — ünïcode ✓")
+        case 3:
+            return ToolUsage(iid, f"msg_{i}", "get_weather", f"toolu_{i}", '{"location": "Lisbon"}')
+        case 4:
+            return ModelThought(iid, f"msg_{i}", f"thinking {i}\nmore")
+        case _:
+            return InterceptionEnded(iid, "failed", "overloaded_error", "Overloaded", 529)
+
+
+def _expected(record: Record) -> object:
+    return orjson.loads(orjson.dumps(record))
+
+
+@pytest.fixture
+async def spool(tmp_path: Path) -> AsyncIterator[Spool]:
+    s = Spool(tmp_path / "spool.db")
+    await s.start()
+    yield s
+    await s.close()
+
+
+async def test_submit_flush_read_in_order(spool: Spool) -> None:
+    records = [_record(i) for i in range(1000)]
+    for r in records:
+        spool.submit(r)
+    await spool.flush()
+    assert spool.pending == 0
+    assert spool.dropped == 0
+
+    stored = await spool.read_after(0, 5000)
+    assert len(stored) == 1000
+    seqs = [s.seq for s in stored]
+    assert seqs == sorted(seqs)
+    assert len(set(seqs)) == 1000
+    assert len({s.record_id for s in stored}) == 1000
+    for s, r in zip(stored, records, strict=True):
+        assert isinstance(s, SpooledRecord)
+        assert s.payload == _expected(r)
+        assert s.kind == r.kind
+        assert s.interception_id == r.interception_id
+        assert s.payload["kind"] == r.kind
+    assert {s.kind for s in stored} == {
+        "interception_started",
+        "token_usage",
+        "prompt_usage",
+        "tool_usage",
+        "model_thought",
+        "interception_ended",
+    }
+    started = stored[0]
+    assert started.created_at == records[0].started_at  # type: ignore[union-attr]
+    ended = stored[5]
+    assert ended.created_at == records[5].ended_at  # type: ignore[union-attr]
+
+
+async def test_read_after_pages(spool: Spool) -> None:
+    for i in range(250):
+        spool.submit(_record(i))
+    await spool.flush()
+    everything = await spool.read_after(0, 5000)
+
+    pages: list[list[SpooledRecord]] = []
+    cursor = 0
+    while True:
+        page = await spool.read_after(cursor, 64)
+        if not page:
+            break
+        assert len(page) <= 64
+        assert all(r.seq > cursor for r in page)
+        pages.append(page)
+        cursor = page[-1].seq
+    assert [len(p) for p in pages] == [64, 64, 64, 58]
+    assert [r for p in pages for r in p] == everything
+
+    middle = everything[99].seq
+    assert await spool.read_after(middle, 10) == everything[100:110]
+    assert await spool.read_after(everything[-1].seq, 10) == []
+
+
+async def test_ack_deletes_through_seq(spool: Spool) -> None:
+    for i in range(100):
+        spool.submit(_record(i))
+    await spool.flush()
+    stored = await spool.read_after(0, 1000)
+    through = stored[39].seq
+    assert await spool.ack(through) == 40
+    remaining = await spool.read_after(0, 1000)
+    assert remaining == stored[40:]
+    assert await spool.ack(through) == 0
+    assert await spool.ack(stored[-1].seq) == 60
+    assert await spool.read_after(0, 1000) == []
+
+
+async def test_reopen_keeps_epoch_records_and_seq(tmp_path: Path) -> None:
+    path = tmp_path / "nested" / "spool.db"
+    first = Spool(path)
+    await first.start()
+    epoch = first.epoch
+    assert epoch
+    for i in range(30):
+        first.submit(_record(i))
+    await first.flush()
+    stored = await first.read_after(0, 100)
+    await first.ack(stored[9].seq)
+    await first.close()
+
+    second = Spool(path)
+    await second.start()
+    try:
+        assert second.epoch == epoch
+        survivors = await second.read_after(0, 100)
+        assert survivors == stored[10:]
+        later = [_record(i) for i in range(30, 40)]
+        for r in later:
+            second.submit(r)
+        await second.flush()
+        after = await second.read_after(0, 100)
+        assert after[:20] == stored[10:]
+        new = after[20:]
+        assert len(new) == 10
+        assert min(r.seq for r in new) > stored[-1].seq
+        assert [r.payload for r in new] == [_expected(r) for r in later]
+    finally:
+        await second.close()
+
+
+async def test_seq_not_reused_after_everything_acked(tmp_path: Path) -> None:
+    path = tmp_path / "spool.db"
+    first = Spool(path)
+    await first.start()
+    for i in range(5):
+        first.submit(_record(i))
+    await first.flush()
+    last = (await first.read_after(0, 10))[-1].seq
+    await first.ack(last)
+    await first.close()
+
+    second = Spool(path)
+    await second.start()
+    try:
+        second.submit(_record(5))
+        await second.flush()
+        (record,) = await second.read_after(0, 10)
+        assert record.seq > last
+    finally:
+        await second.close()
+
+
+async def test_fresh_path_new_epoch(tmp_path: Path) -> None:
+    a, b = Spool(tmp_path / "a.db"), Spool(tmp_path / "b.db")
+    await a.start()
+    await b.start()
+    try:
+        assert a.epoch and b.epoch
+        assert a.epoch != b.epoch
+    finally:
+        await a.close()
+        await b.close()
+
+
+async def test_queue_overflow_drops_and_logs(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    spool = Spool(tmp_path / "spool.db", queue_max=10)
+    caplog.set_level(logging.ERROR, logger="aibridged.spool")
+    try:
+        for i in range(15):
+            spool.submit(_record(i))
+        assert spool.dropped == 5
+        assert spool.pending == 10
+        errors = [
+            r for r in caplog.records if r.name == "aibridged.spool" and r.levelno == logging.ERROR
+        ]
+        assert len(errors) == 5
+        assert "dropped" in errors[0].getMessage()
+    finally:
+        await spool.close()
+
+
+async def test_flush_without_writer_raises(tmp_path: Path) -> None:
+    spool = Spool(tmp_path / "spool.db")
+    try:
+        spool.submit(_record(0))
+        with pytest.raises(RuntimeError):
+            await spool.flush()
+    finally:
+        await spool.close()
+
+
+async def test_close_flushes_queued_records(tmp_path: Path) -> None:
+    path = tmp_path / "spool.db"
+    first = Spool(path)
+    await first.start()
+    records = [_record(i) for i in range(50)]
+    for r in records:
+        first.submit(r)
+    await first.close()
+
+    second = Spool(path)
+    await second.start()
+    try:
+        stored = await second.read_after(0, 100)
+        assert [r.payload for r in stored] == [_expected(r) for r in records]
+    finally:
+        await second.close()
