@@ -30,7 +30,7 @@ _Row = tuple[str, str, str, float, bytes]
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS records (
     seq INTEGER PRIMARY KEY AUTOINCREMENT,
-    record_id TEXT NOT NULL UNIQUE,
+    record_id TEXT NOT NULL,
     kind TEXT NOT NULL,
     interception_id TEXT NOT NULL,
     created_at REAL NOT NULL,

@@ -102,14 +102,19 @@ def extract_bearer(value: str | None) -> str:
     return fields[1]
 
 
-def _lower_headers(headers: Mapping[str, str]) -> dict[str, str]:
-    # Callers may hand us a plain dict whose keys have arbitrary case; normalising here keeps
-    # lookups case-insensitive regardless of the mapping type. setdefault keeps the first of
-    # any duplicates, matching what CIMultiDict.get() would return.
-    lowered: dict[str, str] = {}
-    for key, value in headers.items():
-        lowered.setdefault(str(key).lower(), value)
-    return lowered
+def _header(headers: Mapping[str, str], name: str) -> str | None:
+    """Case-insensitive lookup of ``name`` (lower case) without copying the headers.
+
+    aiohttp's CIMultiDict is already case-insensitive (and its ``get`` returns the first of
+    duplicates); a plain dict may use any case, so it is scanned only when the exact key misses.
+    """
+    value = headers.get(name)
+    if value is not None or hasattr(headers, "getone"):
+        return value
+    for key, candidate in headers.items():
+        if str(key).lower() == name:
+            return candidate
+    return None
 
 
 def _clean(value: object) -> str | None:
@@ -126,15 +131,14 @@ def detect_client(headers: Mapping[str, str]) -> str:
     Header names are looked up case-insensitively. User-Agent prefixes are checked first,
     then the Originator header, then Cursor's version header.
     """
-    lowered = _lower_headers(headers)
-    user_agent = lowered.get("user-agent", "").lower()
+    user_agent = (_header(headers, "user-agent") or "").lower()
     for prefix, client in _UA_PREFIXES:
         if user_agent.startswith(prefix):
             return client
-    originator = _ORIGINATORS.get(lowered.get("originator", ""))
+    originator = _ORIGINATORS.get(_header(headers, "originator") or "")
     if originator is not None:
         return originator
-    if _clean(lowered.get("x-cursor-client-version")) is not None:
+    if _clean(_header(headers, "x-cursor-client-version")) is not None:
         return "Cursor"
     return "Unknown"
 
@@ -161,9 +165,8 @@ def client_session_id(
     ``client`` is a name returned by :func:`detect_client`. Values are trimmed and blank
     values yield ``None``. Never raises on malformed headers or bodies.
     """
-    lowered = _lower_headers(headers)
     if client == "Claude Code":
-        from_header = _clean(lowered.get(_CLAUDE_SESSION_HEADER))
+        from_header = _clean(_header(headers, _CLAUDE_SESSION_HEADER))
         if from_header is not None:
             return from_header
         metadata = body.get("metadata") if body is not None else None
@@ -172,4 +175,4 @@ def client_session_id(
     header = _SESSION_HEADERS.get(client)
     if header is None:
         return None
-    return _clean(lowered.get(header))
+    return _clean(_header(headers, header))
