@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import sqlite3
+import time
 import uuid
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -20,6 +21,7 @@ from typing import Any, TypeVar
 
 import orjson
 
+from gateway.metrics import SPOOL_HIGH_WATERMARK, SPOOL_RECORDS, USAGE_RECORDS_DROPPED
 from gateway.records import Record
 
 log = logging.getLogger("aibridged.spool")
@@ -62,10 +64,19 @@ class Spool:
         batch_max: int = 2000,
         linger: float = 0.02,
         queue_max: int = 100_000,
+        max_records: int = 5_000_000,
+        max_age: float = 7 * 86400.0,
     ) -> None:
         self.path = path
         self.epoch = ""
         self.dropped = 0
+        self.high_watermark = 0
+        self.acked_through = 0
+        self._max_records = max_records
+        self._max_age = max_age
+        self._next_bounds_check = 0.0
+        self._written_event = asyncio.Event()
+        self._acked_event = asyncio.Event()
         self._batch_max = batch_max
         self._linger = linger
         # Record ids are this run's random prefix plus a counter: unique across restarts, and
@@ -82,7 +93,8 @@ class Spool:
 
     async def start(self) -> None:
         """Open (or recover) the database and start the writer task."""
-        self.epoch = await self._run(self._open)
+        self.epoch, self.high_watermark, self.acked_through = await self._run(self._open)
+        SPOOL_HIGH_WATERMARK.set(self.high_watermark)
         self._writer = asyncio.create_task(self._write_loop(), name="spool-writer")
 
     def submit(self, record: Record) -> None:
@@ -99,6 +111,7 @@ class Spool:
             self._queue.put_nowait(row)
         except asyncio.QueueFull:
             self.dropped += 1
+            USAGE_RECORDS_DROPPED.labels("queue_full").inc()
             log.error(
                 "usage spool queue full: record dropped (disk stalled?)",
                 extra={"dropped_total": self.dropped, "kind": record.kind},
@@ -133,7 +146,32 @@ class Spool:
 
     async def ack(self, through_seq: int) -> int:
         """Delete records up to ``through_seq``; returns how many were removed."""
-        return await self._run(self._delete, through_seq)
+        removed = await self._run(self._delete, through_seq)
+        if through_seq > self.acked_through:
+            self.acked_through = min(through_seq, self.high_watermark)
+            self._notify("_acked_event")
+        return removed
+
+    async def stats(self) -> tuple[int, float | None]:
+        """``(records in the spool, created_at of the oldest)``."""
+        depth, oldest = await self._run(self._stats)
+        SPOOL_RECORDS.set(depth)
+        return depth, oldest
+
+    @property
+    def written(self) -> asyncio.Event:
+        """Set when the next batch is committed (a fresh event after each batch)."""
+        return self._written_event
+
+    @property
+    def acked(self) -> asyncio.Event:
+        """Set at the next acknowledgement (a fresh event after each one)."""
+        return self._acked_event
+
+    def _notify(self, name: str) -> None:
+        # Wake every current waiter, then give later waiters a fresh event.
+        getattr(self, name).set()
+        setattr(self, name, asyncio.Event())
 
     @property
     def pending(self) -> int:
@@ -145,7 +183,7 @@ class Spool:
     async def _run(self, fn: Callable[..., T], *args: Any) -> T:
         return await asyncio.get_running_loop().run_in_executor(self._executor, fn, *args)
 
-    def _open(self) -> str:
+    def _open(self) -> tuple[str, int, int]:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         db = sqlite3.connect(self.path, isolation_level=None)
         db.execute("PRAGMA journal_mode=WAL")
@@ -158,9 +196,14 @@ class Spool:
         else:
             epoch = str(row[0])
         self._db = db
-        return epoch
+        seq = db.execute("SELECT seq FROM sqlite_sequence WHERE name = 'records'").fetchone()
+        high = int(seq[0]) if seq else 0
+        first = db.execute("SELECT MIN(seq) FROM records").fetchone()[0]
+        # Everything below the oldest remaining record was acknowledged (or trimmed).
+        acked = int(first) - 1 if first is not None else high
+        return epoch, high, acked
 
-    def _insert(self, batch: Sequence[_Row]) -> None:
+    def _insert(self, batch: Sequence[_Row]) -> int:
         assert self._db is not None
         # One multi-row statement per batch: sqlite3 releases the GIL once per statement step, and
         # every release lets the I/O-bound event loop thread stall behind this one (convoy).
@@ -173,6 +216,7 @@ class Spool:
                 f" VALUES {values}",
                 params,
             )
+        return int(self._db.execute("SELECT last_insert_rowid()").fetchone()[0])
 
     def _select(self, seq: int, limit: int) -> list[SpooledRecord]:
         assert self._db is not None
@@ -190,6 +234,26 @@ class Spool:
         assert self._db is not None
         return self._db.execute("DELETE FROM records WHERE seq <= ?", (through_seq,)).rowcount
 
+    def _stats(self) -> tuple[int, float | None]:
+        assert self._db is not None
+        depth, oldest = self._db.execute("SELECT COUNT(*), MIN(created_at) FROM records").fetchone()
+        return int(depth), oldest
+
+    def _trim(self, now: float) -> tuple[int, int]:
+        """Enforce the spool bounds; returns (dropped by count, dropped by age)."""
+        assert self._db is not None
+        by_age = self._db.execute(
+            "DELETE FROM records WHERE created_at < ?", (now - self._max_age,)
+        ).rowcount
+        (depth,) = self._db.execute("SELECT COUNT(*) FROM records").fetchone()
+        by_count = 0
+        if depth > self._max_records:
+            by_count = self._db.execute(
+                "DELETE FROM records WHERE seq IN (SELECT seq FROM records ORDER BY seq LIMIT ?)",
+                (depth - self._max_records,),
+            ).rowcount
+        return by_count, by_age
+
     # -- loop side --------------------------------------------------------------------------
 
     async def _write_loop(self) -> None:
@@ -202,7 +266,7 @@ class Spool:
             while len(batch) < self._batch_max and not queue.empty():
                 batch.append(queue.get_nowait())
             try:
-                await self._run(self._insert, batch)
+                high = await self._run(self._insert, batch)
             except Exception:
                 log.exception("usage spool write failed; retrying the batch in 1s")
                 for row in batch:
@@ -210,7 +274,26 @@ class Spool:
                 await asyncio.sleep(1.0)
                 continue
             self._written += len(batch)
+            self.high_watermark = high
+            SPOOL_HIGH_WATERMARK.set(high)
             self._progress.set()
+            self._notify("_written_event")
+            await self._enforce_bounds()
+
+    async def _enforce_bounds(self) -> None:
+        now = time.time()
+        if now < self._next_bounds_check:
+            return
+        self._next_bounds_check = now + 5.0
+        by_count, by_age = await self._run(self._trim, now)
+        for reason, count in (("spool_max_records", by_count), ("spool_max_age", by_age)):
+            if count:
+                self.dropped += count
+                USAGE_RECORDS_DROPPED.labels(reason).inc(count)
+                log.error(
+                    "usage spool over its bound: unacknowledged records DROPPED",
+                    extra={"reason": reason, "dropped": count, "dropped_total": self.dropped},
+                )
 
     def _requeue(self, row: _Row) -> None:
         try:
@@ -218,6 +301,7 @@ class Spool:
         except asyncio.QueueFull:
             self.dropped += 1
             self._written += 1
+            USAGE_RECORDS_DROPPED.labels("queue_full").inc()
             log.error("usage spool queue full: record dropped", extra={"kind": row[1]})
 
 

@@ -110,6 +110,16 @@ class Settings(BaseSettings):
     on_client_disconnect: Literal["drain", "cancel"] = "drain"
     disconnect_drain_timeout: float = Field(default=120.0, ge=0)
     allow_byok: bool = True
+    require_control: bool = False
+    control_token: str | None = Field(default=None, repr=False)
+    control_token_file: Path | None = None
+    control_tls_cert_file: Path | None = None
+    control_tls_key_file: Path | None = None
+    control_tls_client_ca_file: Path | None = None
+    control_grace: float = Field(default=5.0, ge=0)
+    spool_max_records: int = Field(default=5_000_000, gt=0)
+    spool_max_age: float = Field(default=7 * 86400.0, gt=0)
+    metrics_enabled: bool = True
     byok_header: str = "x-aibridged-provider-key"
     log_level: Literal["debug", "info", "warning", "error"] = "info"
     event_loop: Literal["uvloop", "asyncio"] = "uvloop"
@@ -126,6 +136,27 @@ class Settings(BaseSettings):
         if not sep or not host or not port.isdigit() or not 0 <= int(port) < 65536:
             raise ValueError(f"{value!r} is not HOST:PORT")
         return value
+
+    @model_validator(mode="after")
+    def _control_consistency(self) -> Settings:
+        if self.require_control and not self.control_token and not self.control_token_file:
+            raise ValueError("require_control needs control_token or control_token_file")
+        if bool(self.control_tls_cert_file) != bool(self.control_tls_key_file):
+            raise ValueError("control_tls_cert_file and control_tls_key_file go together")
+        if self.control_tls_client_ca_file and not self.control_tls_cert_file:
+            raise ValueError("control_tls_client_ca_file (mTLS) needs control_tls_cert_file")
+        return self
+
+    def control_bearer(self) -> str | None:
+        """The control-plane token, from the setting or its file (stripped); None if unset."""
+        if self.control_token:
+            return self.control_token
+        if self.control_token_file is not None:
+            token = self.control_token_file.read_text().strip()
+            if not token:
+                raise ConfigError(f"control token file is empty: {self.control_token_file}")
+            return token
+        return None
 
     @field_validator("providers")
     @classmethod

@@ -1,7 +1,10 @@
 """Composition root: build the state, spool and servers; ordered startup and graceful shutdown.
 
-Shutdown order (SIGTERM/SIGINT): readiness goes false, the data plane stops accepting and waits
-up to ``shutdown_grace`` for in-flight streams, then the spool is flushed and closed.
+Startup: spool (recovers unacked records) -> gRPC control plane (data plane NOT_SERVING until
+configured) -> metrics listener -> data plane. Shutdown (SIGTERM/SIGINT): readiness and gRPC
+health go NOT_SERVING, the data plane stops accepting and waits up to ``shutdown_grace`` for
+in-flight streams, their records are flushed to the spool, open ``StreamUsage`` calls send what
+is left and return, then gRPC stops and the spool closes.
 """
 
 from __future__ import annotations
@@ -9,16 +12,31 @@ from __future__ import annotations
 import asyncio
 import logging
 import signal
+import time
 from dataclasses import dataclass
 
 from aiohttp import web
 
+from control.server import ControlServer
+from control.servicer import ControlServicer
 from control.spool import Spool
 from gateway.config import Settings, host_port
-from gateway.proxy.app import READY, build_app
+from gateway.proxy.app import Readiness, build_app
+from gateway.proxy.metrics_app import build_metrics_app
 from gateway.state import Snapshot, StateHolder
 
 log = logging.getLogger("aibridged")
+
+
+async def _start_site(runner: web.AppRunner, listen: str) -> int:
+    """Listen on ``HOST:PORT`` or ``unix:PATH``; return the TCP port (0 for unix sockets)."""
+    if listen.startswith("unix:"):
+        await web.UnixSite(runner, listen[5:]).start()
+        return 0
+    host, port = host_port(listen)
+    site = web.TCPSite(runner, host, port, reuse_address=True)
+    await site.start()
+    return port or int(runner.addresses[-1][1])
 
 
 @dataclass
@@ -28,17 +46,35 @@ class Daemon:
     settings: Settings
     spool: Spool
     state: StateHolder
-    app: web.Application
+    readiness: Readiness
     runner: web.AppRunner
     port: int
+    control: ControlServer | None
+    stop_streams: asyncio.Event
+    metrics_runner: web.AppRunner | None = None
+    metrics_port: int = 0
 
     @classmethod
     async def start(cls, settings: Settings) -> Daemon:
-        """Open the spool, then start serving the data plane."""
-        spool = Spool(settings.spool_path)
+        """Start every listener in order; return once the data plane accepts connections."""
+        spool = Spool(
+            settings.spool_path,
+            max_records=settings.spool_max_records,
+            max_age=settings.spool_max_age,
+        )
         await spool.start()
         state = StateHolder(Snapshot.from_settings(settings))
-        app = build_app(settings, state, spool)
+        readiness = Readiness(state)
+        stop_streams = asyncio.Event()
+        control = await cls._start_control(settings, state, spool, readiness, stop_streams)
+
+        metrics_runner, metrics_port = None, 0
+        if settings.metrics_enabled:
+            metrics_runner = web.AppRunner(build_metrics_app(), access_log=None)
+            await metrics_runner.setup()
+            metrics_port = await _start_site(metrics_runner, settings.metrics_listen)
+
+        app = build_app(settings, state, spool, readiness)
         runner = web.AppRunner(
             app,
             handle_signals=False,
@@ -47,20 +83,53 @@ class Daemon:
             handler_cancellation=False,
         )
         await runner.setup()
-        if settings.listen.startswith("unix:"):
-            site: web.BaseSite = web.UnixSite(runner, settings.listen[5:])
-            port = 0
-        else:
-            host, port = host_port(settings.listen)
-            site = web.TCPSite(runner, host, port, reuse_address=True)
-        await site.start()
-        if port == 0 and isinstance(site, web.TCPSite):
-            server = site._server
-            assert isinstance(server, asyncio.base_events.Server)
-            port = server.sockets[0].getsockname()[1]
-        daemon = cls(settings, spool, state, app, runner, port)
+        port = await _start_site(runner, settings.listen)
+        daemon = cls(
+            settings,
+            spool,
+            state,
+            readiness,
+            runner,
+            port,
+            control,
+            stop_streams,
+            metrics_runner,
+            metrics_port,
+        )
         daemon._log_startup()
         return daemon
+
+    @staticmethod
+    async def _start_control(
+        settings: Settings,
+        state: StateHolder,
+        spool: Spool,
+        readiness: Readiness,
+        stop_streams: asyncio.Event,
+    ) -> ControlServer | None:
+        token = settings.control_bearer()
+        if token is None:
+            log.info("control plane disabled: no control_token or control_token_file configured")
+            return None
+        holder: list[ControlServer] = []
+        pending: set[asyncio.Task[None]] = set()
+
+        def on_change() -> None:
+            # Runs inside a push RPC: report the data plane's (new) readiness over gRPC health.
+            task = asyncio.get_running_loop().create_task(holder[0].set_ready(readiness.ready))
+            pending.add(task)
+            task.add_done_callback(pending.discard)
+
+        servicer = ControlServicer(state, spool, stop_streams, on_change, time.time())
+        tls = (
+            settings.control_tls_cert_file,
+            settings.control_tls_key_file,
+            settings.control_tls_client_ca_file,
+        )
+        control = ControlServer(servicer, token, settings.control_listen, tls)
+        holder.append(control)
+        await control.start(readiness.ready)
+        return control
 
     def _log_startup(self) -> None:
         snap = self.state.current
@@ -69,6 +138,8 @@ class Daemon:
             extra={
                 "listen": self.settings.listen,
                 "port": self.port,
+                "control": self.control.address if self.control else "disabled",
+                "metrics": self.settings.metrics_listen if self.metrics_runner else "disabled",
                 "spool": str(self.settings.spool_path),
                 "providers": ",".join(snap.providers),
             },
@@ -78,11 +149,21 @@ class Daemon:
                 "personal mode: no gateway keys configured; clients' own provider keys are "
                 "forwarded (BYOK) and every interception is recorded in the spool"
             )
+        if not snap.configured:
+            log.info("waiting for the control plane's first state push before serving requests")
 
     async def stop(self) -> None:
-        """Graceful shutdown: not ready, drain the data plane, flush and close the spool."""
-        self.app[READY][0] = False
+        """Graceful shutdown in the order of the module docstring."""
+        self.readiness.shutting_down = True
+        if self.control is not None:
+            await self.control.begin_shutdown()
         await self.runner.cleanup()
+        await self.spool.flush()
+        self.stop_streams.set()
+        if self.control is not None:
+            await self.control.stop(self.settings.control_grace)
+        if self.metrics_runner is not None:
+            await self.metrics_runner.cleanup()
         await self.spool.close()
         log.info("aibridged stopped", extra={"dropped_records": self.spool.dropped})
 

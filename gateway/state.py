@@ -9,7 +9,7 @@ from __future__ import annotations
 import hmac
 import os
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from types import MappingProxyType
 
 from gateway.config import DEFAULT_KEY_ENVS, Settings
@@ -47,18 +47,62 @@ class Provider:
 
 
 @dataclass(frozen=True, slots=True)
+class McpServer:
+    """A central MCP server whose tools are injected."""
+
+    id: str
+    url: str
+    tool_allow_regex: str = ""
+    tool_deny_regex: str = ""
+    headers: Mapping[str, str] = field(default_factory=dict, repr=False)
+
+
+@dataclass(frozen=True, slots=True)
+class McpToken:
+    """An actor's access token for one MCP server."""
+
+    actor_id: str
+    server_id: str
+    token: str = field(repr=False)
+    expires_at: float | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Versions:
+    """The applied version of each part of the state (0: never pushed)."""
+
+    providers: int = 0
+    api_keys: int = 0
+    mcp_servers: int = 0
+    mcp_tokens: int = 0
+
+
+class StaleVersion(Exception):
+    """A push carried an older version than the one applied."""
+
+
+@dataclass(frozen=True, slots=True)
 class Snapshot:
     """Everything a request needs to know about configuration, frozen."""
 
     providers: Mapping[str, Provider]
     keys: Mapping[str, ClientKey]
     allow_byok: bool = True
-    version: int = 0
+    mcp_servers: Mapping[str, McpServer] = field(default_factory=dict)
+    mcp_tokens: Mapping[tuple[str, str], McpToken] = field(default_factory=dict)
+    versions: Versions = Versions()
+    # Managed by a host: never falls back to personal mode, even with no keys pushed.
+    managed: bool = False
 
     @property
     def personal_mode(self) -> bool:
-        """No gateway keys: clients bring their own provider key (zero-config mode)."""
-        return not self.keys
+        """Standalone with no gateway keys: clients bring their own provider key."""
+        return not self.managed and not self.keys
+
+    @property
+    def configured(self) -> bool:
+        """Whether the data plane can serve: standalone, or the host pushed providers and keys."""
+        return not self.managed or (self.versions.providers > 0 and self.versions.api_keys > 0)
 
     def find_key(self, presented: str) -> ClientKey | None:
         """The gateway key matching ``presented``, compared by hash in constant time."""
@@ -86,11 +130,31 @@ class Snapshot:
             digest = k.key_sha256 or sha256_hex(k.key or "")
             actor = Actor(k.actor_id, k.username, MappingProxyType(dict(k.metadata)))
             keys[digest] = ClientKey(k.key_id or digest[:12], digest, actor, k.expires_at)
-        return cls(MappingProxyType(providers), MappingProxyType(keys), settings.allow_byok)
+        servers = {
+            m.id: McpServer(
+                m.id,
+                m.url,
+                m.tool_allow_regex,
+                m.tool_deny_regex,
+                MappingProxyType(dict(m.headers)),
+            )
+            for m in settings.mcp_servers
+        }
+        return cls(
+            MappingProxyType(providers),
+            MappingProxyType(keys),
+            settings.allow_byok,
+            mcp_servers=MappingProxyType(servers),
+            managed=settings.require_control,
+        )
 
 
 class StateHolder:
-    """Holds the current snapshot; ``swap`` replaces it in one assignment."""
+    """Holds the current snapshot; each ``put_*`` replaces one part in a single assignment.
+
+    A push carries the full state of its part and a version: an older version than the applied
+    one raises :class:`StaleVersion`; the same version again is applied again (idempotent).
+    """
 
     def __init__(self, snapshot: Snapshot) -> None:
         self.current = snapshot
@@ -98,3 +162,59 @@ class StateHolder:
     def swap(self, snapshot: Snapshot) -> None:
         """Make ``snapshot`` the state every new request sees."""
         self.current = snapshot
+
+    def put_providers(
+        self, version: int, providers: Mapping[str, Provider], allow_byok: bool
+    ) -> Snapshot:
+        """Replace every provider (and the BYOK switch)."""
+        cur = self._check(version, self.current.versions.providers, "providers")
+        return self._swap(
+            replace(
+                cur,
+                providers=MappingProxyType(dict(providers)),
+                allow_byok=allow_byok,
+                versions=replace(cur.versions, providers=version),
+            )
+        )
+
+    def put_api_keys(self, version: int, keys: Mapping[str, ClientKey]) -> Snapshot:
+        """Replace every client key (keys not listed are revoked)."""
+        cur = self._check(version, self.current.versions.api_keys, "api keys")
+        return self._swap(
+            replace(
+                cur,
+                keys=MappingProxyType(dict(keys)),
+                versions=replace(cur.versions, api_keys=version),
+            )
+        )
+
+    def put_mcp_servers(self, version: int, servers: Mapping[str, McpServer]) -> Snapshot:
+        """Replace every MCP server config."""
+        cur = self._check(version, self.current.versions.mcp_servers, "MCP servers")
+        return self._swap(
+            replace(
+                cur,
+                mcp_servers=MappingProxyType(dict(servers)),
+                versions=replace(cur.versions, mcp_servers=version),
+            )
+        )
+
+    def put_mcp_tokens(self, version: int, tokens: Mapping[tuple[str, str], McpToken]) -> Snapshot:
+        """Replace every per-actor MCP access token."""
+        cur = self._check(version, self.current.versions.mcp_tokens, "MCP tokens")
+        return self._swap(
+            replace(
+                cur,
+                mcp_tokens=MappingProxyType(dict(tokens)),
+                versions=replace(cur.versions, mcp_tokens=version),
+            )
+        )
+
+    def _check(self, version: int, applied: int, what: str) -> Snapshot:
+        if version < applied:
+            raise StaleVersion(f"{what}: version {version} is older than applied {applied}")
+        return self.current
+
+    def _swap(self, snapshot: Snapshot) -> Snapshot:
+        self.current = snapshot
+        return snapshot

@@ -70,6 +70,7 @@ async def make_gateway(
     async def start(**overrides: Any) -> Gateway:
         settings: dict[str, Any] = {
             "listen": "127.0.0.1:0",
+            "metrics_listen": "127.0.0.1:0",
             "spool_path": tmp_path / f"spool-{len(started)}.db",
             "providers": [
                 {

@@ -19,7 +19,21 @@ from gateway.state import StateHolder
 
 log = logging.getLogger("aibridged.app")
 
-READY = web.AppKey("ready", list)
+
+class Readiness:
+    """Ready when the state can serve (standalone, or pushed by the host) and not shutting down."""
+
+    def __init__(self, state: StateHolder) -> None:
+        self.state = state
+        self.shutting_down = False
+
+    @property
+    def ready(self) -> bool:
+        """Whether load balancers should send traffic."""
+        return self.state.current.configured and not self.shutting_down
+
+
+READY = web.AppKey("ready", Readiness)
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 
@@ -45,12 +59,14 @@ async def provider_shaped_errors(request: web.Request, handler: Handler) -> web.
         return anthropic_error(500, "internal gateway error")
 
 
-def build_app(settings: Settings, state: StateHolder, sink: UsageSink) -> web.Application:
+def build_app(
+    settings: Settings, state: StateHolder, sink: UsageSink, readiness: Readiness
+) -> web.Application:
     """Wire routes and the upstream session's lifetime to the app."""
     app = web.Application(
         client_max_size=settings.max_body_bytes, middlewares=[provider_shaped_errors]
     )
-    app[READY] = [True]
+    app[READY] = readiness
     session_ref: list[aiohttp.ClientSession] = []
     services = Services(
         state=state,
@@ -87,6 +103,6 @@ async def healthz(_: web.Request) -> web.Response:
 
 async def readyz(request: web.Request) -> web.Response:
     """Readiness: false while shutting down (and, later, until the host's first state push)."""
-    if request.app[READY][0]:
+    if request.app[READY].ready:
         return web.json_response({"status": "ready"})
     return web.json_response({"status": "not ready"}, status=503)

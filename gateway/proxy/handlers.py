@@ -51,9 +51,14 @@ def anthropic_error(status: int, message: str, error_type: str | None = None) ->
 
 
 def resolve_provider(services: Services, request: web.Request) -> Provider | web.Response:
-    """The provider named by the route prefix, or a 404."""
+    """The provider named by the route prefix, or a 404 (503 before the host's first push)."""
+    snapshot = services.state.current
+    if not snapshot.configured:
+        return anthropic_error(
+            503, "gateway not configured yet: waiting for the control plane's first state push"
+        )
     name = request.match_info["provider"]
-    provider = services.state.current.providers.get(name)
+    provider = snapshot.providers.get(name)
     if provider is None or provider.type != "anthropic":
         return anthropic_error(404, f"route not supported: {request.method} {request.path}")
     return provider

@@ -53,6 +53,7 @@ async def daemon_proc(
     port = free_port()
     config = {
         "listen": f"127.0.0.1:{port}",
+        "metrics_listen": "127.0.0.1:0",
         "spool_path": str(tmp_path / "spool.db"),
         "shutdown_grace": 10,
         "providers": [
@@ -127,6 +128,7 @@ async def test_zero_config_personal_mode(tmp_path: Path, upstream: FakeUpstream)
     port = free_port()
     env = clean_env()
     env["AIBRIDGED_LISTEN"] = f"127.0.0.1:{port}"
+    env["AIBRIDGED_METRICS_LISTEN"] = "127.0.0.1:0"
     env["AIBRIDGED_PROVIDERS"] = orjson.dumps(
         [{"name": "anthropic", "type": "anthropic", "base_url": upstream.url}]
     ).decode()

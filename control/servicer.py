@@ -1,0 +1,168 @@
+"""``ControlService``: versioned state pushes, status, and the usage stream."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import AsyncIterator, Callable
+from typing import Any, TypeVar
+
+import grpc
+
+from control.convert import (
+    InvalidField,
+    api_keys_from_proto,
+    duration,
+    mcp_servers_from_proto,
+    mcp_tokens_from_proto,
+    providers_from_proto,
+)
+from control.spool import Spool
+from control.usage_stream import stream_usage
+from control.v1 import control_pb2, control_pb2_grpc
+from gateway.metrics import CONTROL_PUSHES
+from gateway.state import StaleVersion, StateHolder
+
+log = logging.getLogger("aibridged.control")
+Ctx = grpc.aio.ServicerContext[Any, Any]
+R = TypeVar("R")
+D = TypeVar("D")
+
+
+class ControlServicer(control_pb2_grpc.ControlServiceServicer):
+    """Applies the host's pushes to the data plane's state and serves the usage spool."""
+
+    def __init__(
+        self,
+        state: StateHolder,
+        spool: Spool,
+        stop: asyncio.Event,
+        on_change: Callable[[], None],
+        started_at: float,
+    ) -> None:
+        self._state = state
+        self._spool = spool
+        self._stop = stop
+        self._on_change = on_change
+        self._started_at = started_at
+
+    async def PutProviders(
+        self, request: control_pb2.PutProvidersRequest, context: Ctx
+    ) -> control_pb2.PutProvidersResponse:
+        providers = await _validated(context, "providers", providers_from_proto, request)
+        await self._apply(
+            context,
+            "providers",
+            lambda: self._state.put_providers(
+                request.config_version, providers, request.allow_byok
+            ),
+        )
+        log.info(
+            "providers applied",
+            extra={"version": request.config_version, "providers": ",".join(providers)},
+        )
+        return control_pb2.PutProvidersResponse(applied_version=request.config_version)
+
+    async def PutApiKeys(
+        self, request: control_pb2.PutApiKeysRequest, context: Ctx
+    ) -> control_pb2.PutApiKeysResponse:
+        keys = await _validated(context, "api_keys", api_keys_from_proto, request)
+        await self._apply(
+            context, "api_keys", lambda: self._state.put_api_keys(request.config_version, keys)
+        )
+        log.info("api keys applied", extra={"version": request.config_version, "count": len(keys)})
+        return control_pb2.PutApiKeysResponse(applied_version=request.config_version)
+
+    async def PutMcpServers(
+        self, request: control_pb2.PutMcpServersRequest, context: Ctx
+    ) -> control_pb2.PutMcpServersResponse:
+        servers = await _validated(context, "mcp_servers", mcp_servers_from_proto, request)
+        await self._apply(
+            context,
+            "mcp_servers",
+            lambda: self._state.put_mcp_servers(request.config_version, servers),
+        )
+        log.info(
+            "MCP servers applied",
+            extra={"version": request.config_version, "servers": ",".join(servers)},
+        )
+        return control_pb2.PutMcpServersResponse(applied_version=request.config_version)
+
+    async def PutMcpAccessTokens(
+        self, request: control_pb2.PutMcpAccessTokensRequest, context: Ctx
+    ) -> control_pb2.PutMcpAccessTokensResponse:
+        tokens = await _validated(context, "mcp_tokens", mcp_tokens_from_proto, request)
+        await self._apply(
+            context,
+            "mcp_tokens",
+            lambda: self._state.put_mcp_tokens(request.config_version, tokens),
+        )
+        log.info(
+            "MCP tokens applied", extra={"version": request.config_version, "count": len(tokens)}
+        )
+        return control_pb2.PutMcpAccessTokensResponse(applied_version=request.config_version)
+
+    async def GetStatus(
+        self, request: control_pb2.GetStatusRequest, context: Ctx
+    ) -> control_pb2.GetStatusResponse:
+        snap = self._state.current
+        depth, oldest = await self._spool.stats()
+        now = time.time()
+        return control_pb2.GetStatusResponse(
+            providers_version=snap.versions.providers,
+            api_keys_version=snap.versions.api_keys,
+            mcp_servers_version=snap.versions.mcp_servers,
+            mcp_tokens_version=snap.versions.mcp_tokens,
+            provider_count=len(snap.providers),
+            api_key_count=len(snap.keys),
+            mcp_server_count=len(snap.mcp_servers),
+            mcp_token_count=len(snap.mcp_tokens),
+            spool_depth=depth,
+            oldest_unacked_age=duration(max(0.0, now - oldest) if oldest is not None else 0.0),
+            uptime=duration(now - self._started_at),
+            spool_epoch=self._spool.epoch,
+            high_watermark=self._spool.high_watermark,
+            dropped_records=self._spool.dropped,
+            ready=snap.configured and not self._stop.is_set(),
+        )
+
+    async def StreamUsage(
+        self, request: control_pb2.StreamUsageRequest, context: Ctx
+    ) -> AsyncIterator[control_pb2.StreamUsageResponse]:
+        async for batch in stream_usage(request, self._spool, self._stop):
+            yield batch
+
+    async def AckUsage(
+        self, request: control_pb2.AckUsageRequest, context: Ctx
+    ) -> control_pb2.AckUsageResponse:
+        removed = 0
+        if request.epoch == self._spool.epoch:
+            if request.acked_through > self._spool.high_watermark:
+                await context.abort(
+                    grpc.StatusCode.OUT_OF_RANGE,
+                    f"acked_through {request.acked_through} is above the spool's high watermark "
+                    f"{self._spool.high_watermark}",
+                )
+            removed = await self._spool.ack(request.acked_through)
+        else:
+            log.warning("ack for another spool epoch ignored", extra={"epoch": request.epoch})
+        depth, _ = await self._spool.stats()
+        return control_pb2.AckUsageResponse(removed=removed, spool_depth=depth)
+
+    async def _apply(self, context: Ctx, kind: str, put: Callable[[], object]) -> None:
+        try:
+            put()
+        except StaleVersion as exc:
+            CONTROL_PUSHES.labels(kind, "stale").inc()
+            await context.abort(grpc.StatusCode.FAILED_PRECONDITION, str(exc))
+        CONTROL_PUSHES.labels(kind, "applied").inc()
+        self._on_change()
+
+
+async def _validated(context: Ctx, kind: str, convert: Callable[[R], D], request: R) -> D:
+    try:
+        return convert(request)
+    except InvalidField as exc:
+        CONTROL_PUSHES.labels(kind, "invalid").inc()
+        await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))

@@ -1,0 +1,79 @@
+"""``StreamUsage``: replay the spool after a cursor, then tail it, in flow-controlled batches.
+
+At-least-once: records stay in the spool until ``AckUsage``; a host that reconnects resumes
+after its cursor (or from the oldest record when its epoch is not the spool's). Memory stays
+bounded whatever the host's speed: one batch is built at a time, each send awaits the transport
+(gRPC flow control), and no more than ``max_in_flight`` records are sent beyond the last ack.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+
+from control.convert import record_to_proto
+from control.spool import Spool
+from control.v1 import control_pb2
+from gateway.metrics import USAGE_RECORDS_DELIVERED
+
+DEFAULT_BATCH = 500
+MAX_BATCH = 5000
+DEFAULT_IN_FLIGHT = 10_000
+# An empty batch is sent after this much quiet, so the host can tell a live stream from a dead one.
+HEARTBEAT_SECONDS = 15.0
+
+
+async def stream_usage(
+    request: control_pb2.StreamUsageRequest,
+    spool: Spool,
+    stop: asyncio.Event,
+    heartbeat: float = HEARTBEAT_SECONDS,
+) -> AsyncIterator[control_pb2.StreamUsageResponse]:
+    """Yield batches until ``stop`` is set (daemon shutdown) or the client goes away."""
+    cursor = request.resume_after if request.epoch in ("", spool.epoch) else 0
+    max_batch = min(request.max_batch or DEFAULT_BATCH, MAX_BATCH)
+    max_in_flight = request.max_in_flight or DEFAULT_IN_FLIGHT
+    while not stop.is_set():
+        # Take the events before reading, so a commit that lands during the read still wakes us.
+        written, acked = spool.written, spool.acked
+        room = spool.acked_through + max_in_flight - cursor
+        records = []
+        if room > 0:
+            records = await spool.read_after(cursor, min(max_batch, room))
+        if records:
+            cursor = records[-1].seq
+            USAGE_RECORDS_DELIVERED.inc(len(records))
+            yield _batch(spool, [record_to_proto(r) for r in records])
+            continue
+        # Nothing to send (or the host is too far behind on acks): wait for news.
+        wake = acked if room <= 0 else written
+        if not await _wait_any((wake, stop), heartbeat):
+            yield _batch(spool, [])
+    # Flush what was written before shutdown began, so a host that stays connected gets it.
+    while True:
+        room = spool.acked_through + max_in_flight - cursor
+        records = await spool.read_after(cursor, min(max_batch, max(room, 0))) if room > 0 else []
+        if not records:
+            return
+        cursor = records[-1].seq
+        USAGE_RECORDS_DELIVERED.inc(len(records))
+        yield _batch(spool, [record_to_proto(r) for r in records])
+
+
+def _batch(spool: Spool, records: list[control_pb2.UsageRecord]) -> control_pb2.StreamUsageResponse:
+    return control_pb2.StreamUsageResponse(
+        epoch=spool.epoch, records=records, high_watermark=spool.high_watermark
+    )
+
+
+async def _wait_any(events: tuple[asyncio.Event, ...], within: float) -> bool:
+    """True when one of ``events`` is set within ``within`` seconds."""
+    if any(e.is_set() for e in events):
+        return True
+    waiters = [asyncio.ensure_future(e.wait()) for e in events]
+    try:
+        done, _ = await asyncio.wait(waiters, timeout=within, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for waiter in waiters:
+            waiter.cancel()
+    return bool(done)
