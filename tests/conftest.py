@@ -8,9 +8,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import grpc
 import pytest
 
 from control.spool import SpooledRecord
+from control.v1.control_pb2_grpc import ControlServiceStub
 from gateway.config import load_settings
 from gateway.daemon import Daemon
 from gateway.testing import FakeUpstream
@@ -18,6 +20,8 @@ from gateway.testing import FakeUpstream
 FIXTURES = Path(__file__).parent / "fixtures"
 SHARED_FIXTURES = Path(__file__).resolve().parents[2] / "shared" / "fixtures" / "aibridge"
 
+CONTROL_TOKEN = "control-token-for-tests-0123456789"
+CONTROL_METADATA = (("authorization", f"Bearer {CONTROL_TOKEN}"),)
 GATEWAY_KEY = "gw-alice-key-0123456789"
 UPSTREAM_KEY = "sk-ant-central-key-abcdefghijklmnop"
 ALICE = {"key": GATEWAY_KEY, "actor_id": "u-1", "username": "alice", "metadata": {"team": "core"}}
@@ -39,6 +43,17 @@ class Gateway:
     def root(self) -> str:
         """Base URL of the data plane."""
         return f"http://127.0.0.1:{self.daemon.port}"
+
+    @property
+    def control_target(self) -> str:
+        """``host:port`` of the gRPC control plane (needs ``control_token`` in the settings)."""
+        assert self.daemon.control is not None, "start the gateway with control_token=..."
+        return f"127.0.0.1:{self.daemon.control.port}"
+
+    @property
+    def metrics_url(self) -> str:
+        """URL of the Prometheus endpoint."""
+        return f"http://127.0.0.1:{self.daemon.metrics_port}/metrics"
 
     async def records(self) -> list[SpooledRecord]:
         """Every record committed to the spool so far (waits for pending writes)."""
@@ -71,6 +86,7 @@ async def make_gateway(
         settings: dict[str, Any] = {
             "listen": "127.0.0.1:0",
             "metrics_listen": "127.0.0.1:0",
+            "control_listen": "127.0.0.1:0",
             "spool_path": tmp_path / f"spool-{len(started)}.db",
             "providers": [
                 {
@@ -102,3 +118,13 @@ async def gateway(make_gateway: GatewayFactory) -> Gateway:
 def by_kind(records: list[SpooledRecord], kind: str) -> list[dict[str, Any]]:
     """Payloads of the records of one kind, in spool order."""
     return [r.payload for r in records if r.kind == kind]
+
+
+@pytest.fixture
+async def control(
+    make_gateway: GatewayFactory,
+) -> AsyncIterator[tuple[Gateway, ControlServiceStub]]:
+    """A gateway with its gRPC control plane on, and a stub authenticated with the token."""
+    gw = await make_gateway(control_token=CONTROL_TOKEN)
+    async with grpc.aio.insecure_channel(gw.control_target) as channel:
+        yield gw, ControlServiceStub(channel)
