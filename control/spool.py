@@ -9,6 +9,7 @@ was not first made durable here.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import sqlite3
 import time
@@ -76,6 +77,7 @@ class Spool:
         self._max_age = max_age
         self._next_bounds_check = 0.0
         self._written_event = asyncio.Event()
+        self._urgent = asyncio.Event()
         self._acked_event = asyncio.Event()
         self._batch_max = batch_max
         self._linger = linger
@@ -121,6 +123,8 @@ class Spool:
 
     async def flush(self) -> None:
         """Wait until every record submitted so far is committed to disk."""
+        # Someone is waiting: the writer commits now instead of lingering for more records.
+        self._urgent.set()
         target = self._submitted
         while self._written < target:
             if self._writer is None or self._writer.done():
@@ -261,8 +265,11 @@ class Spool:
         while True:
             batch = [await queue.get()]
             # Linger briefly so a busy gateway writes a few large transactions, not many small ones.
-            if self._linger:
-                await asyncio.sleep(self._linger)
+            if self._linger and not self._urgent.is_set():
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(self._linger):
+                        await self._urgent.wait()
+            self._urgent.clear()
             while len(batch) < self._batch_max and not queue.empty():
                 batch.append(queue.get_nowait())
             try:

@@ -14,6 +14,10 @@ class UsageSink(Protocol):
         """Accept one record for durable storage."""
         ...
 
+    async def flush(self) -> None:
+        """Return once every record submitted so far is durable."""
+        ...
+
 
 class MemorySink:
     """In-memory twin of the spool, for tests and embedding."""
@@ -24,3 +28,6 @@ class MemorySink:
     def submit(self, record: Record) -> None:
         """Keep the record in order of submission."""
         self.records.append(record)
+
+    async def flush(self) -> None:
+        """Memory is as durable as this twin gets."""

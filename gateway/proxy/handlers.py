@@ -124,17 +124,22 @@ async def messages(services: Services, request: web.Request) -> web.StreamRespon
     )
     url = join_url(provider.base_url, "/v1/messages", request.query_string)
     try:
+        response: web.StreamResponse
         try:
             resp = await icpt.post(url, parsed.body, headers)
         except UPSTREAM_ERRORS as exc:
-            return icpt.unreachable(exc)
-        async with resp:
-            if resp.status >= 400:
-                return await icpt.upstream_error(resp)
-            if parsed.stream and resp.content_type == "text/event-stream":
-                rewriter = MessagesStream(interception_id, parsed.prompt)
-                return await icpt.stream(request, resp, rewriter)
-            return await icpt.blocking(resp, parsed.prompt)
+            response = icpt.unreachable(exc)
+        else:
+            async with resp:
+                if resp.status >= 400:
+                    response = await icpt.upstream_error(resp)
+                elif parsed.stream and resp.content_type == "text/event-stream":
+                    rewriter = MessagesStream(interception_id, parsed.prompt)
+                    return await icpt.stream(request, resp, rewriter)
+                else:
+                    response = await icpt.blocking(resp, parsed.prompt)
+        await icpt.complete()
+        return response
     except asyncio.CancelledError:
         icpt.outcome.fail("cancelled", "request cancelled before it completed")
         raise

@@ -70,13 +70,26 @@ class Interception:
         self.session = session
         self.options = options
         self.outcome = Outcome()
+        self._ended = False
 
     def end(self) -> None:
         """Write the end record (once, synchronously: it must survive handler cancellation)."""
+        if self._ended:
+            return
+        self._ended = True
         o = self.outcome
         self.sink.submit(
             InterceptionEnded(self.id, o.status, o.error_type, o.error_message, o.upstream_status)
         )
+
+    async def complete(self) -> None:
+        """End the interception and wait until its records are durable.
+
+        Called before the client gets the last byte of its response: a response the client saw
+        complete always has its records in the spool, even if the process is killed right after.
+        """
+        self.end()
+        await self.sink.flush()
 
     async def post(
         self, url: str, body: bytes, headers: CIMultiDict[str]
@@ -140,10 +153,11 @@ class Interception:
         except CLIENT_GONE:
             writer.mark_gone()
         framer = SSEFramer()
+        tail = b""
         try:
             if not writer.gone:
                 writer.start_pinger()
-            await self._pump(resp, framer, rewriter, writer)
+            tail = await self._pump(resp, framer, rewriter, writer)
         except UPSTREAM_ERRORS as exc:
             if not writer.gone:
                 detail = _describe(exc)
@@ -165,8 +179,8 @@ class Interception:
             self.outcome.fail("incomplete_stream", "upstream stream ended before message_stop")
         if writer.gone:
             self.outcome.status = "client_disconnected"
-        else:
-            await writer.close(b"")
+        await self.complete()
+        await writer.close(tail)
         return out
 
     async def _pump(
@@ -175,24 +189,29 @@ class Interception:
         framer: SSEFramer,
         rewriter: MessagesStream,
         writer: _ClientWriter,
-    ) -> None:
-        # Once the client is gone, writes become no-ops and the loop keeps reading so the final
-        # usage is recorded; _OnClientLeft bounds that drain (or cancels at once).
+    ) -> bytes:
+        """Relay the stream; return the tail held back from the client (see ``complete``).
+
+        Once the client is gone, writes become no-ops and the loop keeps reading so the final
+        usage is recorded; _OnClientLeft bounds that drain (or cancels at once).
+        """
+        tail = b""
         async for chunk in resp.content.iter_any():
             frames = framer.feed(chunk)
             if frames:
                 data = rewriter.feed_all(frames)
                 for record in rewriter.take_records():
                     self.sink.submit(record)
-                if rewriter.message_stopped and not writer.closed:
-                    # message_stop ends an Anthropic stream: send it with the end of the body
-                    # in one write, then read the upstream to its end (normally nothing left).
-                    await writer.close(data)
+                if rewriter.message_stopped or tail:
+                    # message_stop ends an Anthropic stream: it goes out with the end of the
+                    # body, once the interception's records are durable.
+                    tail += data
                 elif data:
                     await writer.write(data)
         last = framer.flush()
         if last is not None:
-            await writer.write(rewriter.feed(last))
+            tail += rewriter.feed(last)
+        return tail
 
 
 class _OnClientLeft:
