@@ -1,11 +1,12 @@
-"""Gateway overhead benchmark: direct to a fake provider vs. through ``aibridged serve``.
+"""Gateway overhead benchmark: direct to a fake provider vs. a bare relay vs. ``aibridged serve``.
 
-Three OS processes share the cores as in production: a fake upstream (this script with
-``--upstream``), the real gateway (``aibridged serve``) and the load generator (this process).
-Phases run direct, gateway, direct; the direct figures are the best of the two direct runs
-(highest req/s, lowest p50, lowest p99, each taken separately).
+Four OS processes share the cores: a fake upstream (this script with ``--upstream``), a bare
+relay (``--bare``: aiohttp + uvloop, parses each SSE event, no auth, no records; the floor a
+Python relay can reach), the real gateway (``aibridged serve``) and the load generator.
+Throughput runs in rounds, each target once per round in rotating order; per-round ratios are
+reported as median [min-max]. TTFB at concurrency 1 interleaves the targets request by request.
 
-    .venv/bin/python tests/benchmark.py [--quick] [--json PATH]
+    .venv/bin/python tests/benchmark.py [--quick] [--rounds R] [--duration D] [--json PATH]
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import math
 import signal
 import socket
 import sqlite3
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -40,9 +42,20 @@ GATEWAY_KEY = "gw-bench"
 CONCURRENCY = 50
 WARMUP = 1.0
 END = b'data: {"type":"message_stop"}'
+FORWARDED = ("content-type", "anthropic-version", "x-api-key")
+RATIOS = (("gateway", "direct"), ("bare", "direct"), ("gateway", "bare"))
 
 
-# --- process 1: the fake upstream -------------------------------------------------------------
+async def serve(app: web.Application) -> None:
+    """Serve ``app`` on a free loopback port, print the port, run forever."""
+    runner = web.AppRunner(app, access_log=None)
+    await runner.setup()
+    await web.TCPSite(runner, "127.0.0.1", 0).start()
+    print(runner.addresses[0][1], flush=True)
+    await asyncio.Event().wait()
+
+
+# --- child process: the fake upstream ---------------------------------------------------------
 
 
 async def run_upstream() -> None:
@@ -60,15 +73,41 @@ async def run_upstream() -> None:
 
     app = web.Application()
     app.router.add_post("/v1/messages", handle)
-    runner = web.AppRunner(app, access_log=None)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    print(runner.addresses[0][1], flush=True)
-    await asyncio.Event().wait()
+    await serve(app)
 
 
-# --- process 3: the load generator ------------------------------------------------------------
+# --- child process: the bare relay (calibration floor) ----------------------------------------
+
+
+async def run_bare(upstream_url: str) -> None:
+    session = aiohttp.ClientSession(
+        connector=aiohttp.TCPConnector(limit=0), timeout=aiohttp.ClientTimeout(total=60)
+    )
+
+    async def handle(request: web.Request) -> web.StreamResponse:
+        body = await request.read()
+        headers = {k: v for k in FORWARDED if (v := request.headers.get(k)) is not None}
+        async with session.post(upstream_url + "/v1/messages", data=body, headers=headers) as up:
+            content_type = up.headers.get("Content-Type", "text/event-stream")
+            out = web.StreamResponse(status=up.status, headers={"Content-Type": content_type})
+            await out.prepare(request)
+            carry = b""
+            async for chunk in up.content.iter_any():
+                *events, carry = (carry + chunk).split(b"\n\n")
+                for event in events:
+                    for line in event.split(b"\n"):
+                        if line.startswith(b"data:"):
+                            orjson.loads(line[5:])
+                await out.write(chunk)
+            await out.write_eof()
+            return out
+
+    app = web.Application()
+    app.router.add_post("/anthropic/v1/messages", handle)
+    await serve(app)
+
+
+# --- the load generator -----------------------------------------------------------------------
 
 
 @dataclass
@@ -79,18 +118,14 @@ class Target:
     completed: int = 0
     failed: int = 0
     errors: list[str] = field(default_factory=list)
+    warmed: bool = False
+    rps: list[float] = field(default_factory=list)
+    ttfb_ms: list[float] = field(default_factory=list)
 
     def fail(self, message: str) -> None:
         self.failed += 1
         if len(self.errors) < 5:
             self.errors.append(message)
-
-
-@dataclass
-class RunResult:
-    rps: float
-    p50_ms: float
-    p99_ms: float
 
 
 def request_body() -> bytes:
@@ -120,37 +155,72 @@ async def one_request(session: aiohttp.ClientSession, target: Target, body: byte
     return ttfb
 
 
-def percentile(sorted_values: list[float], p: float) -> float:
+def percentile(values: list[float], p: float) -> float:
     """Nearest-rank percentile."""
-    return sorted_values[max(0, math.ceil(p * len(sorted_values)) - 1)]
+    ordered = sorted(values) or [math.nan]
+    return ordered[max(0, math.ceil(p * len(ordered)) - 1)]
 
 
-async def run_target(target: Target, body: bytes, duration: float, n_ttfb: int) -> RunResult:
-    connector = aiohttp.TCPConnector(limit=0)
+def ratio(a: float, b: float) -> float:
+    return a / b if b else math.nan
+
+
+def spread(values: list[float]) -> dict[str, float]:
+    return {"median": statistics.median(values), "min": min(values), "max": max(values)}
+
+
+async def throughput(session: aiohttp.ClientSession, t: Target, body: bytes, d: float) -> float:
+    """req/s completed within a ``d``-second window; a warm-up precedes a target's first window."""
+    begin = time.perf_counter() + (0.0 if t.warmed else WARMUP)
+    t.warmed = True
+    end = begin + d
+    in_window = 0
+
+    async def worker() -> None:
+        nonlocal in_window
+        while time.perf_counter() < end:
+            ok = await one_request(session, t, body) is not None
+            if ok and begin <= time.perf_counter() <= end:
+                in_window += 1
+
+    await asyncio.gather(*(worker() for _ in range(CONCURRENCY)))
+    return in_window / d
+
+
+async def load(targets: list[Target], rounds: int, d: float, n_ttfb: int) -> list[dict[str, Any]]:
+    body = request_body()
     timeout = aiohttp.ClientTimeout(total=60)
-    async with aiohttp.ClientSession(connector=connector, timeout=timeout) as session:
-        begin = time.perf_counter() + WARMUP
-        end = begin + duration
-        in_window = 0
-
-        async def worker() -> None:
-            nonlocal in_window
-            while time.perf_counter() < end:
-                ok = await one_request(session, target, body) is not None
-                if ok and begin <= time.perf_counter() <= end:
-                    in_window += 1
-
-        await asyncio.gather(*(worker() for _ in range(CONCURRENCY)))
-        ttfbs = []
+    sessions = {
+        t.name: aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0), timeout=timeout)
+        for t in targets
+    }
+    per_round: list[dict[str, Any]] = []
+    try:
+        for r in range(rounds):
+            order = targets[r % len(targets) :] + targets[: r % len(targets)]
+            rps = {}
+            for t in order:
+                rps[t.name] = await throughput(sessions[t.name], t, body, d)
+                t.rps.append(rps[t.name])
+            ratios = {f"{a}/{b}": ratio(rps[a], rps[b]) for a, b in RATIOS}
+            per_round.append({"order": [t.name for t in order], "rps": rps, **ratios})
+            cells = "  ".join(f"{t.name} {rps[t.name]:7.1f}" for t in targets)
+            print(
+                f"  round {r + 1}: {cells} req/s  "
+                + "  ".join(f"{k} {v:.3f}" for k, v in ratios.items())
+            )
         for _ in range(n_ttfb):
-            ttfb = await one_request(session, target, body)
-            if ttfb is not None:
-                ttfbs.append(ttfb * 1000)
-    ttfbs = sorted(ttfbs) or [math.nan]
-    return RunResult(in_window / duration, percentile(ttfbs, 0.5), percentile(ttfbs, 0.99))
+            for t in targets:
+                ttfb = await one_request(sessions[t.name], t, body)
+                if ttfb is not None:
+                    t.ttfb_ms.append(ttfb * 1000)
+    finally:
+        for session in sessions.values():
+            await session.close()
+    return per_round
 
 
-# --- process 2: the gateway, and the orchestration --------------------------------------------
+# --- orchestration ----------------------------------------------------------------------------
 
 
 def free_port() -> int:
@@ -159,11 +229,23 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
+def spawn_self(procs: list[subprocess.Popen[bytes]], *flags: str) -> tuple[int, str]:
+    """Re-run this script with hidden ``flags``; its pid and the URL of the port it prints."""
+    proc = subprocess.Popen([sys.executable, __file__, *flags], stdout=subprocess.PIPE)
+    procs.append(proc)
+    assert proc.stdout is not None
+    line = proc.stdout.readline()
+    if not line.strip():
+        raise RuntimeError(f"child {flags} exited early with code {proc.wait()}")
+    return proc.pid, f"http://127.0.0.1:{int(line)}"
+
+
 def start_gateway(tmp: Path, upstream_url: str) -> tuple[subprocess.Popen[bytes], str]:
     port = free_port()
     provider = {"name": "anthropic", "type": "anthropic", "base_url": upstream_url}
     config = {
         "listen": f"127.0.0.1:{port}",
+        "metrics_listen": "127.0.0.1:0",
         "spool_path": str(tmp / "spool.db"),
         "log_level": "warning",
         "providers": [{**provider, "api_key": "sk-bench"}],
@@ -207,36 +289,27 @@ def count_records(spool: Path) -> dict[str, int]:
     return {str(kind): int(n) for kind, n in rows}
 
 
-async def load(targets: list[Target], duration: float, n_ttfb: int) -> list[RunResult]:
-    body = request_body()
-    results = []
-    for target in targets:
-        r = await run_target(target, body, duration, n_ttfb)
-        print(f"  {target.name:8}{r.rps:9.1f} req/s  p50 {r.p50_ms:.3f} ms  p99 {r.p99_ms:.3f} ms")
-        results.append(r)
-    return results
-
-
 def bench(args: argparse.Namespace, tmp: Path, procs: list[subprocess.Popen[bytes]]) -> int:
-    duration, n_ttfb = (3.0, 100) if args.quick else (8.0, 400)
-    upstream = subprocess.Popen([sys.executable, __file__, "--upstream"], stdout=subprocess.PIPE)
-    procs.append(upstream)
-    assert upstream.stdout is not None
-    upstream_url = f"http://127.0.0.1:{int(upstream.stdout.readline())}"
+    rounds = args.rounds or (3 if args.quick else 5)
+    duration = args.duration or (2.0 if args.quick else 4.0)
+    n_ttfb = 100 if args.quick else 400
+    _, upstream_url = spawn_self(procs, "--upstream")
+    bare_pid, bare_url = spawn_self(procs, "--bare", upstream_url)
     gateway, gateway_url = start_gateway(tmp, upstream_url)
     procs.append(gateway)
     wait_healthy(gateway_url, gateway)
 
     headers = {"content-type": "application/json", "anthropic-version": "2023-06-01"}
+    path = "/anthropic/v1/messages"
     direct = Target("direct", upstream_url + "/v1/messages", {**headers, "x-api-key": "sk-bench"})
-    via = Target(
-        "gateway", gateway_url + "/anthropic/v1/messages", {**headers, "x-api-key": GATEWAY_KEY}
-    )
-    print(f"phases (direct, gateway, direct): {CONCURRENCY} streams x {duration:g} s after")
-    print(f"{WARMUP:g} s warm-up, then {n_ttfb} sequential requests for TTFB")
-    d1, g, d2 = uvloop.run(load([direct, via, direct], duration, n_ttfb))
+    bare = Target("bare", bare_url + path, {**headers, "x-api-key": "sk-bench"})
+    via = Target("gateway", gateway_url + path, {**headers, "x-api-key": GATEWAY_KEY})
+    targets = [direct, bare, via]
+    print(f"throughput: {rounds} rounds x (direct, bare, gateway) in rotating order,")
+    print(f"{CONCURRENCY} streams x {duration:g} s each ({WARMUP:g} s warm-up on first use)")
+    per_round = uvloop.run(load(targets, rounds, duration, n_ttfb))
 
-    rss = peak_rss_mib(gateway.pid)
+    rss = {"gateway": peak_rss_mib(gateway.pid), "bare": peak_rss_mib(bare_pid)}
     gateway.send_signal(signal.SIGTERM)
     try:
         exit_code: int | None = gateway.wait(timeout=30)
@@ -245,41 +318,59 @@ def bench(args: argparse.Namespace, tmp: Path, procs: list[subprocess.Popen[byte
     records = count_records(tmp / "spool.db")
     ended = records.get("interception_ended", 0)
 
-    d = RunResult(max(d1.rps, d2.rps), min(d1.p50_ms, d2.p50_ms), min(d1.p99_ms, d2.p99_ms))
-    ratio = g.rps / d.rps if d.rps else math.nan
+    ratios = {f"{a}/{b}": spread([row[f"{a}/{b}"] for row in per_round]) for a, b in RATIOS}
+    rps = {t.name: statistics.median(t.rps) for t in targets}
+    ttfb = {
+        t.name: {"p50_ms": percentile(t.ttfb_ms, 0.5), "p99_ms": percentile(t.ttfb_ms, 0.99)}
+        for t in targets
+    }
+    added = {
+        name: {k: ttfb[name][k] - ttfb["direct"][k] for k in ("p50_ms", "p99_ms")}
+        for name in ("bare", "gateway")
+    }
     figures: dict[str, Any] = {
         "mode": "quick" if args.quick else "full",
         "concurrency": CONCURRENCY,
+        "rounds": rounds,
         "duration_s": duration,
+        "warmup_s": WARMUP,
         "ttfb_requests": n_ttfb,
-        "direct_note": "best of two direct runs (before and after gateway), per metric",
-        "direct": vars(d),
-        "gateway": vars(g),
-        "direct_runs": [vars(d1), vars(d2)],
-        "throughput_ratio": ratio,
-        "added_ttfb_p50_ms": g.p50_ms - d.p50_ms,
-        "added_ttfb_p99_ms": g.p99_ms - d.p99_ms,
-        "gateway_requests_completed": via.completed,
-        "gateway_requests_failed": via.failed,
-        "direct_requests_failed": direct.failed,
+        "per_round": per_round,
+        "throughput_rps_median": rps,
+        "throughput_ratios": ratios,
+        "ttfb": ttfb,
+        "added_ttfb": added,
+        "requests": {t.name: {"completed": t.completed, "failed": t.failed} for t in targets},
         "records": records,
         "records_match": ended == via.completed,
-        "gateway_peak_rss_mib": rss,
+        "peak_rss_mib": rss,
         "gateway_exit_code": exit_code,
     }
-    print(f"\n{'':22}{'direct*':>12}{'gateway':>12}{'gw/direct | added':>20}")
-    print(f"{'throughput (req/s)':22}{d.rps:12.1f}{g.rps:12.1f}{ratio:20.3f}")
-    print(f"{'TTFB p50 (ms)':22}{d.p50_ms:12.3f}{g.p50_ms:12.3f}{g.p50_ms - d.p50_ms:+20.3f}")
-    print(f"{'TTFB p99 (ms)':22}{d.p99_ms:12.3f}{g.p99_ms:12.3f}{g.p99_ms - d.p99_ms:+20.3f}")
-    print(f"* {figures['direct_note']}")
-    print(f"gateway peak RSS (VmHWM): {rss:.1f} MiB; exit code after SIGTERM: {exit_code}")
-    print(f"records by kind: {json.dumps(records, sort_keys=True)}")
+
+    def fmt(key: str) -> str:
+        s = ratios[key]
+        return f"{key:15}{s['median']:6.3f}  [{s['min']:.3f}-{s['max']:.3f}]"
+
+    print(f"\nthroughput, median of {rounds} rounds   per-round ratio: median [min-max]")
+    print(f"  direct  {rps['direct']:9.1f} req/s")
+    print(f"  bare    {rps['bare']:9.1f} req/s   {fmt('bare/direct')}")
+    print(f"  gateway {rps['gateway']:9.1f} req/s   {fmt('gateway/direct')}")
+    print(f"  {'':28}{fmt('gateway/bare')}")
+    print(f"TTFB at concurrency 1, {n_ttfb} interleaved requests per target (ms)")
+    print(f"  {'':8}{'p50':>9}{'p99':>9}{'added p50':>12}{'added p99':>12}")
+    for t in targets:
+        cells = "".join(f"{v:9.3f}" for v in ttfb[t.name].values())
+        cells += "".join(f"{v:+12.3f}" for v in added.get(t.name, {}).values())
+        print(f"  {t.name:8}{cells}")
+    print(f"peak RSS (VmHWM): gateway {rss['gateway']:.1f} MiB, bare relay {rss['bare']:.1f} MiB")
+    print(f"gateway exit code after SIGTERM: {exit_code}; records by kind (bare relay: none):")
+    print(f"  {json.dumps(records, sort_keys=True)}")
     print(f"interception_ended records: {ended}; gateway requests completed: {via.completed}")
     ok = True
     if ended != via.completed:
         print(f"!!! MISMATCH: {ended} interception_ended records vs {via.completed} requests !!!")
         ok = False
-    for target in (direct, via):
+    for target in targets:
         if target.failed:
             print(f"!!! {target.failed} {target.name} requests FAILED; first errors:")
             print("\n".join(f"    {err}" for err in target.errors))
@@ -296,12 +387,18 @@ def bench(args: argparse.Namespace, tmp: Path, procs: list[subprocess.Popen[byte
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="3 s throughput, 100 TTFB requests")
+    parser.add_argument("--quick", action="store_true", help="3 rounds x 2 s, 100 TTFB requests")
+    parser.add_argument("--rounds", type=int, help="throughput rounds (default 5, quick 3)")
+    parser.add_argument("--duration", type=float, help="seconds per target per round (4, quick 2)")
     parser.add_argument("--json", metavar="PATH", help="also write the figures as JSON")
     parser.add_argument("--upstream", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--bare", metavar="UPSTREAM_URL", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.upstream:
         uvloop.run(run_upstream())
+        return 0
+    if args.bare:
+        uvloop.run(run_bare(args.bare))
         return 0
     procs: list[subprocess.Popen[bytes]] = []
     with tempfile.TemporaryDirectory(prefix="aibridged-bench-") as tmp:
