@@ -135,7 +135,6 @@ def providers_from_proto(req: control_pb2.PutProvidersRequest) -> dict[str, Prov
         _check_url(f"{path}.base_url", base_url)
         # The api_key goes into an upstream header verbatim.
         _check_header_value(f"{path}.api_key", p.api_key)
-        # max_retries is validated but not yet carried: gateway.state.Provider has no field for it.
         out[p.name] = Provider(
             name=p.name,
             type=kind,
@@ -143,6 +142,7 @@ def providers_from_proto(req: control_pb2.PutProvidersRequest) -> dict[str, Prov
             base_url=base_url.rstrip("/"),
             api_key=p.api_key,
             send_actor_headers=p.send_actor_headers,
+            max_retries=p.max_retries,
         )
     return out
 

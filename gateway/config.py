@@ -37,6 +37,8 @@ class ProviderConfig(BaseModel):
     api_key: str | None = Field(default=None, repr=False)
     api_key_env: str | None = None
     send_actor_headers: bool = False
+    # Retries before the first byte reaches the client (connection errors, 429, 5xx, 529).
+    max_retries: int = Field(default=0, ge=0, le=10)
 
     @model_validator(mode="after")
     def _defaults(self) -> ProviderConfig:

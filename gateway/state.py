@@ -44,6 +44,7 @@ class Provider:
     base_url: str
     api_key: str = field(default="", repr=False)
     send_actor_headers: bool = False
+    max_retries: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -124,6 +125,7 @@ class Snapshot:
                 base_url=p.base_url.rstrip("/"),
                 api_key=key,
                 send_actor_headers=p.send_actor_headers,
+                max_retries=p.max_retries,
             )
         keys: dict[str, ClientKey] = {}
         for k in settings.api_keys:

@@ -126,7 +126,7 @@ async def messages(services: Services, request: web.Request) -> web.StreamRespon
     try:
         response: web.StreamResponse
         try:
-            resp = await icpt.post(url, parsed.body, headers)
+            resp = await icpt.post(url, parsed.body, headers, provider.max_retries)
         except UPSTREAM_ERRORS as exc:
             response = icpt.unreachable(exc)
         else:

@@ -8,7 +8,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Callable
+import random
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
 import aiohttp
@@ -20,6 +21,7 @@ from gateway.intercept.messages.blocking import rewrite_blocking
 from gateway.intercept.messages.stream import MessagesStream
 from gateway.ports import UsageSink
 from gateway.records import EndStatus, InterceptionEnded
+from gateway.retry import retry_delay, should_retry
 from gateway.sse import FrameTooLarge, SSEFramer
 from gateway.sse.keepalive import ANTHROPIC_PING
 
@@ -92,13 +94,38 @@ class Interception:
         await self.sink.flush()
 
     async def post(
+        self, url: str, body: bytes, headers: CIMultiDict[str], max_retries: int
+    ) -> aiohttp.ClientResponse:
+        """POST upstream, retrying (before anything reached the client) per ``gateway.retry``."""
+        attempt = 0
+        while True:
+            delay_headers: Mapping[str, str] = {}
+            try:
+                resp = await self._send(url, body, headers)
+            except UPSTREAM_ERRORS:
+                if attempt >= max_retries:
+                    raise
+            else:
+                if attempt >= max_retries or not should_retry(resp.status, resp.headers):
+                    return resp
+                delay_headers = dict(resp.headers)
+                resp.release()
+            delay = retry_delay(attempt, delay_headers, random.random())
+            attempt += 1
+            log.info(
+                "retrying upstream call",
+                extra={"interception_id": self.id, "attempt": attempt, "delay": round(delay, 3)},
+            )
+            await asyncio.sleep(delay)
+
+    async def _send(
         self, url: str, body: bytes, headers: CIMultiDict[str]
     ) -> aiohttp.ClientResponse:
-        """POST upstream; retry once when a pooled keep-alive connection turns out stale."""
         try:
             return await self.session.post(url, data=body, headers=headers, auto_decompress=True)
         except (aiohttp.ServerDisconnectedError, aiohttp.ClientOSError):
-            # A stale pooled connection fails before any byte of the response: safe to retry.
+            # A stale pooled connection fails before any byte of the response: always safe to
+            # retry once, whatever the retry budget.
             return await self.session.post(url, data=body, headers=headers, auto_decompress=True)
 
     def unreachable(self, exc: BaseException) -> web.Response:

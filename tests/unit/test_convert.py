@@ -89,7 +89,7 @@ def test_providers_ok() -> None:
     got = providers_from_proto(req)
     assert list(got) == ["anthropic", "openai-eu", "oai"]
     assert got["anthropic"] == Provider(
-        "anthropic", "anthropic", DEFAULT_BASE_URLS["anthropic"], "sk-ant", False
+        "anthropic", "anthropic", DEFAULT_BASE_URLS["anthropic"], "sk-ant", False, 10
     )
     assert got["openai-eu"] == Provider(
         "openai-eu", "openai", "https://eu.example.com/v1", "sk-oa", True
