@@ -6,6 +6,9 @@ Python relay can reach), the real gateway (``aibridged serve``) and the load gen
 Throughput runs in rounds, each target once per round in rotating order; per-round ratios are
 reported as median [min-max]. TTFB at concurrency 1 interleaves the targets request by request.
 
+A last phase measures, in-process, how fast ``StreamUsage`` delivers spooled records to a gRPC
+client for several ``max_batch`` sizes (``--skip-usage-stream`` skips it).
+
     .venv/bin/python tests/benchmark.py [--quick] [--rounds R] [--duration D] [--json PATH]
 """
 
@@ -26,15 +29,32 @@ import time
 import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import aiohttp
+import grpc
 import orjson
 import uvloop
 import yaml
 from aiohttp import web
 
+from control.server import ControlServer
+from control.servicer import ControlServicer
+from control.spool import Spool
+from control.v1 import control_pb2 as pb
+from control.v1 import control_pb2_grpc
+from gateway.records import (
+    InterceptionEnded,
+    InterceptionStarted,
+    PromptUsage,
+    Record,
+    TokenUsage,
+)
+from gateway.state import Snapshot, StateHolder
 from gateway.testing import Reply, load_txtar, split_events
+
+if TYPE_CHECKING:
+    from control.v1.control_pb2_grpc import ControlServiceAsyncStub
 
 ROOT = Path(__file__).resolve().parent.parent
 FIXTURE = ROOT / "tests" / "fixtures" / "anthropic" / "text.txtar"
@@ -220,6 +240,129 @@ async def load(targets: list[Target], rounds: int, d: float, n_ttfb: int) -> lis
     return per_round
 
 
+# --- usage delivery over StreamUsage (in-process) ---------------------------------------------
+
+USAGE_BATCHES = (1, 100, 500)
+USAGE_BATCH1_RECORDS = 10_000
+USAGE_TOKEN = "bench"
+
+
+def usage_records(n: int) -> list[Record]:
+    """``n`` records, one interception per four: started, token usage, prompt, ended."""
+    prompt = "Summarise the design of the usage spool and its delivery guarantees. " * 3
+    out: list[Record] = []
+    for i in range(n):
+        iid = f"bench-{i // 4:08d}"
+        match i % 4:
+            case 0:
+                out.append(
+                    InterceptionStarted(
+                        interception_id=iid,
+                        provider="anthropic",
+                        provider_name="anthropic",
+                        model="claude-sonnet-4-5",
+                        actor_id="actor-42",
+                        username="alice",
+                        actor_metadata={"team": "platform"},
+                        client="Claude Code",
+                        user_agent="claude-cli/2.0.0 (external, cli)",
+                        client_session_id="sess-1234",
+                        correlating_tool_call_id=None,
+                        credential_kind="centralized",
+                        credential_hint="sk-a...mnop",
+                        streaming=True,
+                    )
+                )
+            case 1:
+                out.append(
+                    TokenUsage(
+                        interception_id=iid,
+                        msg_id=f"msg_{i:010d}",
+                        input=1200,
+                        output=350,
+                        cache_read=48_000,
+                        cache_write=2048,
+                        cache_write_5m=2048,
+                    )
+                )
+            case 2:
+                out.append(PromptUsage(interception_id=iid, msg_id=f"msg_{i:010d}", prompt=prompt))
+            case _:
+                out.append(InterceptionEnded(interception_id=iid, status="completed"))
+    return out
+
+
+async def deliver(stub: ControlServiceAsyncStub, epoch: str, mb: int, n: int) -> float:
+    """Seconds from opening ``StreamUsage`` (max_batch ``mb``) until ``n`` records arrived."""
+    request = pb.StreamUsageRequest(epoch=epoch, max_batch=mb, max_in_flight=n + 1)
+    md = (("authorization", f"Bearer {USAGE_TOKEN}"),)
+    got = 0
+    t0 = time.perf_counter()
+    call = stub.StreamUsage(request, metadata=md)
+    try:
+        async for batch in call:
+            got += len(batch.records)
+            if got >= n:
+                break
+    finally:
+        call.cancel()
+    elapsed = time.perf_counter() - t0
+    if got < n:
+        raise RuntimeError(f"StreamUsage ended after {got} of {n} records")
+    return elapsed
+
+
+async def usage_stream(n: int) -> dict[str, Any]:
+    with tempfile.TemporaryDirectory(prefix="aibridged-bench-usage-") as tmp:
+        spool = Spool(Path(tmp) / "spool.db")
+        await spool.start()
+        stop = asyncio.Event()
+        server: ControlServer | None = None
+        try:
+            records = usage_records(n)
+            t0 = time.perf_counter()
+            for start in range(0, n, 10_000):
+                for record in records[start : start + 10_000]:
+                    spool.submit(record)
+                await spool.flush()
+            fill_s = time.perf_counter() - t0
+            state = StateHolder(Snapshot(providers={}, keys={}))
+            servicer = ControlServicer(state, spool, stop, lambda: None, time.time())
+            server = ControlServer(servicer, USAGE_TOKEN, "127.0.0.1:0")
+            await server.start(data_plane_ready=True)
+            rows = []
+            async with grpc.aio.insecure_channel(f"127.0.0.1:{server.port}") as channel:
+                stub = control_pb2_grpc.ControlServiceStub(channel)
+                for mb in USAGE_BATCHES:
+                    count = min(n, USAGE_BATCH1_RECORDS) if mb == 1 else n
+                    elapsed = await deliver(stub, spool.epoch, mb, count)
+                    rows.append(
+                        {
+                            "max_batch": mb,
+                            "records": count,
+                            "seconds": elapsed,
+                            "records_per_s": count / elapsed,
+                        }
+                    )
+        finally:
+            stop.set()
+            if server is not None:
+                await server.stop(0)
+            await spool.close()
+    return {"spooled": n, "spool_fill_records_per_s": n / fill_s, "runs": rows}
+
+
+def run_usage_stream(quick: bool) -> dict[str, Any]:
+    n = 20_000 if quick else 100_000
+    figures: dict[str, Any] = uvloop.run(usage_stream(n))
+    print(f"\nStreamUsage delivery (in-process, {n} spooled records, no acks)")
+    print(f"  spool fill: {figures['spool_fill_records_per_s']:9.0f} records/s")
+    print(f"  {'max_batch':>9}  {'records':>8}  {'records/s':>10}")
+    for row in figures["runs"]:
+        print(f"  {row['max_batch']:9}  {row['records']:8}  {row['records_per_s']:10.0f}")
+    return figures
+
+
 # --- orchestration ----------------------------------------------------------------------------
 
 
@@ -380,6 +523,8 @@ def bench(args: argparse.Namespace, tmp: Path, procs: list[subprocess.Popen[byte
         ok = False
     if not ok:
         print("gateway log tail:\n" + (tmp / "gateway.log").read_text()[-3000:])
+    if not args.skip_usage_stream:
+        figures["usage_stream"] = run_usage_stream(args.quick)
     if args.json:
         Path(args.json).write_text(json.dumps(figures, indent=2) + "\n")
     return 0 if ok else 1
@@ -391,6 +536,9 @@ def main() -> int:
     parser.add_argument("--rounds", type=int, help="throughput rounds (default 5, quick 3)")
     parser.add_argument("--duration", type=float, help="seconds per target per round (4, quick 2)")
     parser.add_argument("--json", metavar="PATH", help="also write the figures as JSON")
+    parser.add_argument(
+        "--skip-usage-stream", action="store_true", help="skip the StreamUsage delivery phase"
+    )
     parser.add_argument("--upstream", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--bare", metavar="UPSTREAM_URL", help=argparse.SUPPRESS)
     args = parser.parse_args()
