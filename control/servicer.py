@@ -50,56 +50,34 @@ class ControlServicer(control_pb2_grpc.ControlServiceServicer):
     async def PutProviders(
         self, request: control_pb2.PutProvidersRequest, context: Ctx
     ) -> control_pb2.PutProvidersResponse:
-        providers = await _validated(context, "providers", providers_from_proto, request)
-        await self._apply(
+        await self._put(
             context,
             "providers",
-            lambda: self._state.put_providers(
-                request.config_version, providers, request.allow_byok
-            ),
-        )
-        log.info(
-            "providers applied",
-            extra={"version": request.config_version, "providers": ",".join(providers)},
+            request,
+            providers_from_proto,
+            lambda v, p: self._state.put_providers(v, p, request.allow_byok),
         )
         return control_pb2.PutProvidersResponse(applied_version=request.config_version)
 
     async def PutApiKeys(
         self, request: control_pb2.PutApiKeysRequest, context: Ctx
     ) -> control_pb2.PutApiKeysResponse:
-        keys = await _validated(context, "api_keys", api_keys_from_proto, request)
-        await self._apply(
-            context, "api_keys", lambda: self._state.put_api_keys(request.config_version, keys)
-        )
-        log.info("api keys applied", extra={"version": request.config_version, "count": len(keys)})
+        await self._put(context, "api_keys", request, api_keys_from_proto, self._state.put_api_keys)
         return control_pb2.PutApiKeysResponse(applied_version=request.config_version)
 
     async def PutMcpServers(
         self, request: control_pb2.PutMcpServersRequest, context: Ctx
     ) -> control_pb2.PutMcpServersResponse:
-        servers = await _validated(context, "mcp_servers", mcp_servers_from_proto, request)
-        await self._apply(
-            context,
-            "mcp_servers",
-            lambda: self._state.put_mcp_servers(request.config_version, servers),
-        )
-        log.info(
-            "MCP servers applied",
-            extra={"version": request.config_version, "servers": ",".join(servers)},
+        await self._put(
+            context, "mcp_servers", request, mcp_servers_from_proto, self._state.put_mcp_servers
         )
         return control_pb2.PutMcpServersResponse(applied_version=request.config_version)
 
     async def PutMcpAccessTokens(
         self, request: control_pb2.PutMcpAccessTokensRequest, context: Ctx
     ) -> control_pb2.PutMcpAccessTokensResponse:
-        tokens = await _validated(context, "mcp_tokens", mcp_tokens_from_proto, request)
-        await self._apply(
-            context,
-            "mcp_tokens",
-            lambda: self._state.put_mcp_tokens(request.config_version, tokens),
-        )
-        log.info(
-            "MCP tokens applied", extra={"version": request.config_version, "count": len(tokens)}
+        await self._put(
+            context, "mcp_tokens", request, mcp_tokens_from_proto, self._state.put_mcp_tokens
         )
         return control_pb2.PutMcpAccessTokensResponse(applied_version=request.config_version)
 
@@ -150,19 +128,26 @@ class ControlServicer(control_pb2_grpc.ControlServiceServicer):
         depth, _ = await self._spool.stats()
         return control_pb2.AckUsageResponse(removed=removed, spool_depth=depth)
 
-    async def _apply(self, context: Ctx, kind: str, put: Callable[[], object]) -> None:
+    async def _put(
+        self,
+        context: Ctx,
+        kind: str,
+        request: R,
+        convert: Callable[[R], D],
+        apply: Callable[[int, D], object],
+    ) -> None:
+        """Validate a full-state push, apply it atomically, report the new readiness."""
+        version: int = getattr(request, "config_version")  # noqa: B009 - every Put* has it
         try:
-            put()
+            state = convert(request)
+        except InvalidField as exc:
+            CONTROL_PUSHES.labels(kind, "invalid").inc()
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+        try:
+            apply(version, state)
         except StaleVersion as exc:
             CONTROL_PUSHES.labels(kind, "stale").inc()
             await context.abort(grpc.StatusCode.FAILED_PRECONDITION, str(exc))
         CONTROL_PUSHES.labels(kind, "applied").inc()
+        log.info("state applied", extra={"kind": kind, "version": version})
         self._on_change()
-
-
-async def _validated(context: Ctx, kind: str, convert: Callable[[R], D], request: R) -> D:
-    try:
-        return convert(request)
-    except InvalidField as exc:
-        CONTROL_PUSHES.labels(kind, "invalid").inc()
-        await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))

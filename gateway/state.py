@@ -11,6 +11,7 @@ import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from types import MappingProxyType
+from typing import Any
 
 from gateway.config import DEFAULT_KEY_ENVS, Settings
 from gateway.identity import sha256_hex
@@ -169,53 +170,29 @@ class StateHolder:
         self, version: int, providers: Mapping[str, Provider], allow_byok: bool
     ) -> Snapshot:
         """Replace every provider (and the BYOK switch)."""
-        cur = self._check(version, self.current.versions.providers, "providers")
-        return self._swap(
-            replace(
-                cur,
-                providers=MappingProxyType(dict(providers)),
-                allow_byok=allow_byok,
-                versions=replace(cur.versions, providers=version),
-            )
+        return self._put(
+            "providers", version, providers=MappingProxyType(dict(providers)), allow_byok=allow_byok
         )
 
     def put_api_keys(self, version: int, keys: Mapping[str, ClientKey]) -> Snapshot:
         """Replace every client key (keys not listed are revoked)."""
-        cur = self._check(version, self.current.versions.api_keys, "api keys")
-        return self._swap(
-            replace(
-                cur,
-                keys=MappingProxyType(dict(keys)),
-                versions=replace(cur.versions, api_keys=version),
-            )
-        )
+        return self._put("api_keys", version, keys=MappingProxyType(dict(keys)))
 
     def put_mcp_servers(self, version: int, servers: Mapping[str, McpServer]) -> Snapshot:
         """Replace every MCP server config."""
-        cur = self._check(version, self.current.versions.mcp_servers, "MCP servers")
-        return self._swap(
-            replace(
-                cur,
-                mcp_servers=MappingProxyType(dict(servers)),
-                versions=replace(cur.versions, mcp_servers=version),
-            )
-        )
+        return self._put("mcp_servers", version, mcp_servers=MappingProxyType(dict(servers)))
 
     def put_mcp_tokens(self, version: int, tokens: Mapping[tuple[str, str], McpToken]) -> Snapshot:
         """Replace every per-actor MCP access token."""
-        cur = self._check(version, self.current.versions.mcp_tokens, "MCP tokens")
-        return self._swap(
-            replace(
-                cur,
-                mcp_tokens=MappingProxyType(dict(tokens)),
-                versions=replace(cur.versions, mcp_tokens=version),
-            )
-        )
+        return self._put("mcp_tokens", version, mcp_tokens=MappingProxyType(dict(tokens)))
 
-    def _check(self, version: int, applied: int, what: str) -> Snapshot:
+    def _put(self, part: str, version: int, **changes: Any) -> Snapshot:
+        cur = self.current
+        applied: int = getattr(cur.versions, part)
         if version < applied:
-            raise StaleVersion(f"{what}: version {version} is older than applied {applied}")
-        return self.current
+            raise StaleVersion(f"{part}: version {version} is older than applied {applied}")
+        versions = replace(cur.versions, **{part: version})
+        return self._swap(replace(cur, versions=versions, **changes))
 
     def _swap(self, snapshot: Snapshot) -> Snapshot:
         self.current = snapshot
