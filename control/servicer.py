@@ -6,7 +6,7 @@ import asyncio
 import logging
 import time
 from collections.abc import AsyncIterator, Callable
-from typing import Any, TypeVar
+from typing import Any, Protocol, TypeVar
 
 import grpc
 
@@ -26,7 +26,14 @@ from gateway.state import StaleVersion, StateHolder
 
 log = logging.getLogger("aibridged.control")
 Ctx = grpc.aio.ServicerContext[Any, Any]
-R = TypeVar("R")
+
+
+class _FullStatePush(Protocol):
+    @property
+    def config_version(self) -> int: ...
+
+
+R = TypeVar("R", bound=_FullStatePush)
 D = TypeVar("D")
 
 
@@ -137,7 +144,7 @@ class ControlServicer(control_pb2_grpc.ControlServiceServicer):
         apply: Callable[[int, D], object],
     ) -> None:
         """Validate a full-state push, apply it atomically, report the new readiness."""
-        version: int = getattr(request, "config_version")  # noqa: B009 - every Put* has it
+        version = request.config_version
         try:
             state = convert(request)
         except InvalidField as exc:
