@@ -18,16 +18,3 @@ class UsageSink(Protocol):
         """Return once every record submitted so far is durable."""
         ...
 
-
-class MemorySink:
-    """In-memory twin of the spool, for tests and embedding."""
-
-    def __init__(self) -> None:
-        self.records: list[Record] = []
-
-    def submit(self, record: Record) -> None:
-        """Keep the record in order of submission."""
-        self.records.append(record)
-
-    async def flush(self) -> None:
-        """Memory is as durable as this twin gets."""

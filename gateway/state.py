@@ -162,10 +162,6 @@ class StateHolder:
     def __init__(self, snapshot: Snapshot) -> None:
         self.current = snapshot
 
-    def swap(self, snapshot: Snapshot) -> None:
-        """Make ``snapshot`` the state every new request sees."""
-        self.current = snapshot
-
     def put_providers(
         self, version: int, providers: Mapping[str, Provider], allow_byok: bool
     ) -> Snapshot:

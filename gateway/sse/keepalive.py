@@ -2,5 +2,3 @@
 
 # Anthropic's own ping event: its SDKs skip it, so it is invisible to clients.
 ANTHROPIC_PING = b'event: ping\ndata: {"type": "ping"}\n\n'
-# OpenAI's SDKs parse every data event, so their dialects get an SSE comment instead.
-COMMENT_PING = b": keep-alive\n\n"
