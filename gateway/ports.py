@@ -17,4 +17,3 @@ class UsageSink(Protocol):
     async def flush(self) -> None:
         """Return once every record submitted so far is durable."""
         ...
-

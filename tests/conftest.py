@@ -1,4 +1,4 @@
-"""Shared fixtures: a fake upstream provider, a running gateway, the fixture files."""
+"""Shared fixtures: a fake upstream provider, a running gateway, the fixture files, metrics."""
 
 from __future__ import annotations
 
@@ -8,14 +8,16 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import aiohttp
 import grpc
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
 from control.spool import SpooledRecord
 from control.v1.control_pb2_grpc import ControlServiceStub
 from gateway.config import load_settings
 from gateway.daemon import Daemon
-from gateway.testing import FakeUpstream
+from gateway.testing import FakeUpstream, load_txtar
 
 FIXTURES = Path(__file__).parent / "fixtures"
 SHARED_FIXTURES = Path(__file__).resolve().parents[2] / "shared" / "fixtures" / "aibridge"
@@ -25,6 +27,39 @@ CONTROL_METADATA = (("authorization", f"Bearer {CONTROL_TOKEN}"),)
 GATEWAY_KEY = "gw-alice-key-0123456789"
 UPSTREAM_KEY = "sk-ant-central-key-abcdefghijklmnop"
 ALICE = {"key": GATEWAY_KEY, "actor_id": "u-1", "username": "alice", "metadata": {"team": "core"}}
+
+
+def anthropic_provider(base_url: str, **extra: Any) -> dict[str, Any]:
+    """Settings of the default provider with the central key, ``extra`` fields added."""
+    return {
+        "name": "anthropic",
+        "type": "anthropic",
+        "base_url": base_url,
+        "api_key": UPSTREAM_KEY,
+        **extra,
+    }
+
+
+def recorded_sse_streams() -> list[tuple[str, bytes]]:
+    """``(name, bytes)`` of every recorded Anthropic SSE stream (HTTP error captures left out)."""
+    streams = []
+    for path in sorted((FIXTURES / "anthropic").glob("*.txtar")):
+        text = load_txtar(path).get("streaming")
+        if text is not None and not text.startswith("HTTP/"):
+            streams.append((path.stem, text.encode()))
+    return streams
+
+
+async def metric_value(url: str, name: str, **labels: str) -> float:
+    """The first sample ``name`` with these labels that the Prometheus endpoint serves, else 0."""
+    async with aiohttp.ClientSession() as http, http.get(url) as resp:
+        assert resp.status == 200
+        text = await resp.text()
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            if sample.name == name and all(sample.labels.get(k) == v for k, v in labels.items()):
+                return float(sample.value)
+    return 0.0
 
 
 @dataclass
@@ -88,14 +123,7 @@ async def make_gateway(
             "metrics_listen": "127.0.0.1:0",
             "control_listen": "127.0.0.1:0",
             "spool_path": tmp_path / f"spool-{len(started)}.db",
-            "providers": [
-                {
-                    "name": "anthropic",
-                    "type": "anthropic",
-                    "base_url": upstream.url,
-                    "api_key": UPSTREAM_KEY,
-                }
-            ],
+            "providers": [anthropic_provider(upstream.url)],
             "api_keys": [ALICE],
             "shutdown_grace": 2.0,
         }

@@ -20,7 +20,6 @@ import orjson
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
-from prometheus_client.parser import text_string_to_metric_families
 
 from control.v1 import control_pb2 as pb
 from control.v1 import control_pb2_grpc
@@ -32,6 +31,7 @@ from tests.conftest import (
     GATEWAY_KEY,
     Gateway,
     GatewayFactory,
+    metric_value,
 )
 
 if TYPE_CHECKING:
@@ -130,15 +130,22 @@ async def ask(gw: Gateway, key: str = CLIENT_KEY) -> anthropic.types.Message:
         )
 
 
+async def open_stream(
+    client: anthropic.AsyncAnthropic,
+) -> anthropic.AsyncStream[anthropic.types.RawMessageStreamEvent]:
+    """Send the request streamed; the SDK's event stream."""
+    return await client.messages.create(
+        model=REQUEST["model"],
+        max_tokens=REQUEST["max_tokens"],
+        messages=REQUEST["messages"],
+        stream=True,
+    )
+
+
 async def ask_streamed(gw: Gateway) -> list[str]:
     gw.upstream.enqueue(Reply.from_section(TEXT["streaming"]))
     async with sdk(gw) as client:
-        stream = await client.messages.create(
-            model=REQUEST["model"],
-            max_tokens=REQUEST["max_tokens"],
-            messages=REQUEST["messages"],
-            stream=True,
-        )
+        stream = await open_stream(client)
         return [event.type async for event in stream]
 
 
@@ -291,12 +298,7 @@ async def test_push_never_disturbs_stream_in_flight(managed: tuple[Gateway, Stub
     text: list[str] = []
     sent_at_push = -1
     async with sdk(gw) as client:
-        stream = await client.messages.create(
-            model=REQUEST["model"],
-            max_tokens=REQUEST["max_tokens"],
-            messages=REQUEST["messages"],
-            stream=True,
-        )
+        stream = await open_stream(client)
         async for event in stream:
             types.append(event.type)
             if event.type == "content_block_delta" and event.delta.type == "text_delta":
@@ -471,31 +473,25 @@ async def test_control_plane_disabled_without_token(make_gateway: GatewayFactory
     assert message.content[0].type == "text"
 
 
-async def pushes(gw: Gateway) -> dict[tuple[str, str], float]:
-    async with aiohttp.ClientSession() as http, http.get(gw.metrics_url) as resp:
-        assert resp.status == 200
-        text = await resp.text()
-    out: dict[tuple[str, str], float] = {}
-    for family in text_string_to_metric_families(text):
-        for sample in family.samples:
-            if sample.name == "aibridged_control_pushes_total":
-                out[(sample.labels["kind"], sample.labels["outcome"])] = sample.value
-    return out
+async def pushes(gw: Gateway, outcome: str) -> float:
+    """How many provider pushes had this outcome, as the Prometheus endpoint counts them."""
+    return await metric_value(
+        gw.metrics_url, "aibridged_control_pushes_total", kind="providers", outcome=outcome
+    )
 
 
 async def test_push_metrics(managed: tuple[Gateway, Stub]) -> None:
     gw, stub = managed
     # The registry is process-wide: other tests' pushes count too, so compare with a baseline.
-    before = await pushes(gw)
+    applied_before, stale_before = await pushes(gw, "applied"), await pushes(gw, "stale")
     await put_providers(stub, gw, 2, PROVIDER_KEY)
-    after = await pushes(gw)
-    assert after[("providers", "applied")] >= 1
-    assert after[("providers", "applied")] - before.get(("providers", "applied"), 0) == 1
+    applied = await pushes(gw, "applied")
+    assert applied >= 1
+    assert applied - applied_before == 1
 
     err = await rpc_error(
         stub.PutProviders(pb.PutProvidersRequest(config_version=1), metadata=CONTROL_METADATA)
     )
     assert err.code() == grpc.StatusCode.FAILED_PRECONDITION
-    stale = await pushes(gw)
-    assert stale[("providers", "stale")] - before.get(("providers", "stale"), 0) == 1
-    assert stale[("providers", "applied")] == after[("providers", "applied")]
+    assert await pushes(gw, "stale") - stale_before == 1
+    assert await pushes(gw, "applied") == applied

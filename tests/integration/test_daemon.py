@@ -3,111 +3,57 @@
 from __future__ import annotations
 
 import asyncio
-import os
 import signal
-import socket
 import sqlite3
-import sys
 from collections.abc import AsyncIterator
 from pathlib import Path
 
 import aiohttp
 import orjson
 import pytest
-import yaml
 
 from gateway.testing import FakeUpstream, Reply, load_txtar, split_events
-from tests.conftest import FIXTURES, GATEWAY_KEY, UPSTREAM_KEY
+from tests.conftest import FIXTURES, GATEWAY_KEY
+from tests.processes import AIBRIDGED, DaemonProcess, clean_env, free_port, wait_healthy
 
 TEXT = load_txtar(FIXTURES / "anthropic" / "text.txtar")
-AIBRIDGED = str(Path(sys.executable).with_name("aibridged"))
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def clean_env() -> dict[str, str]:
-    return {k: v for k, v in os.environ.items() if not k.startswith(("AIBRIDGED_", "ANTHROPIC_"))}
-
-
-async def wait_healthy(port: int, proc: asyncio.subprocess.Process) -> None:
-    async with aiohttp.ClientSession() as http, asyncio.timeout(20):
-        while True:
-            assert proc.returncode is None, "daemon exited during startup"
-            try:
-                async with http.get(f"http://127.0.0.1:{port}/healthz") as r:
-                    if r.status == 200:
-                        return
-            except aiohttp.ClientConnectionError:
-                pass
-            await asyncio.sleep(0.05)
 
 
 @pytest.fixture
-async def daemon_proc(
-    tmp_path: Path, upstream: FakeUpstream
-) -> AsyncIterator[tuple[asyncio.subprocess.Process, int, Path]]:
-    port = free_port()
-    config = {
-        "listen": f"127.0.0.1:{port}",
-        "metrics_listen": "127.0.0.1:0",
-        "spool_path": str(tmp_path / "spool.db"),
-        "shutdown_grace": 10,
-        "providers": [
-            {
-                "name": "anthropic",
-                "type": "anthropic",
-                "base_url": upstream.url,
-                "api_key": UPSTREAM_KEY,
-            }
-        ],
-        "api_keys": [{"key": GATEWAY_KEY, "actor_id": "u-1", "username": "alice"}],
-    }
-    path = tmp_path / "aibridged.yaml"
-    path.write_text(yaml.safe_dump(config))
-    proc = await asyncio.create_subprocess_exec(
-        AIBRIDGED, "serve", "--config", str(path), env=clean_env(), stderr=asyncio.subprocess.PIPE
-    )
+async def daemon(tmp_path: Path, upstream: FakeUpstream) -> AsyncIterator[DaemonProcess]:
+    daemon = DaemonProcess(tmp_path, upstream.url, shutdown_grace=10)
     try:
-        await wait_healthy(port, proc)
-        yield proc, port, tmp_path / "spool.db"
+        await daemon.start()
+        yield daemon
     finally:
-        if proc.returncode is None:
-            proc.kill()
-            await proc.wait()
+        await daemon.close()
 
 
 async def test_sigterm_drains_in_flight_stream_and_exits_zero(
-    daemon_proc: tuple[asyncio.subprocess.Process, int, Path], upstream: FakeUpstream
+    daemon: DaemonProcess, upstream: FakeUpstream
 ) -> None:
-    proc, port, spool = daemon_proc
     upstream.enqueue(Reply.from_section(TEXT["streaming"], event_delay=0.1))
     body = dict(orjson.loads(TEXT["request"]), stream=True)
     async with aiohttp.ClientSession() as http:
-        async with http.get(f"http://127.0.0.1:{port}/readyz") as r:
+        async with http.get(f"{daemon.root}/readyz") as r:
             assert r.status == 200
         resp = await http.post(
-            f"http://127.0.0.1:{port}/anthropic/v1/messages",
-            json=body,
-            headers={"x-api-key": GATEWAY_KEY},
+            f"{daemon.url}/v1/messages", json=body, headers={"x-api-key": GATEWAY_KEY}
         )
         first = await resp.content.readany()
         assert b"message_start" in first
-        proc.send_signal(signal.SIGTERM)
+        daemon.terminate()
         rest = await resp.read()
     # The in-flight stream finished completely despite the shutdown.
     received = first + rest
     assert received.rstrip().endswith(b'"message_stop"}')
     assert received.count(b"\n\n") == len(split_events(TEXT["streaming"].encode()))
-    assert await asyncio.wait_for(proc.wait(), 15) == 0
+    assert await asyncio.wait_for(daemon.wait(), 15) == 0
     # New connections are refused once it is down.
     with pytest.raises(aiohttp.ClientConnectionError):
-        async with aiohttp.ClientSession() as http, http.get(f"http://127.0.0.1:{port}/healthz"):
+        async with aiohttp.ClientSession() as http, http.get(f"{daemon.root}/healthz"):
             pass
-    db = sqlite3.connect(spool)
+    db = sqlite3.connect(daemon.spool_path)
     kinds = dict(db.execute("SELECT kind, COUNT(*) FROM records GROUP BY kind").fetchall())
     ended = [
         orjson.loads(p)

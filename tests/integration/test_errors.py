@@ -8,7 +8,6 @@ the spool recorded (failed interceptions are recorded as failed, rejected reques
 from __future__ import annotations
 
 import json
-import socket
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -18,7 +17,15 @@ import pytest
 from multidict import CIMultiDictProxy
 
 from gateway.testing import Reply, load_txtar, split_events
-from tests.conftest import FIXTURES, GATEWAY_KEY, UPSTREAM_KEY, Gateway, GatewayFactory, by_kind
+from tests.conftest import (
+    FIXTURES,
+    GATEWAY_KEY,
+    Gateway,
+    GatewayFactory,
+    anthropic_provider,
+    by_kind,
+)
+from tests.processes import free_port
 
 ANTHROPIC = FIXTURES / "anthropic"
 REQUEST: dict[str, Any] = {
@@ -78,12 +85,9 @@ def assert_error(
     return message
 
 
-def dead_port() -> int:
-    """A loopback port nothing listens on (bound then released)."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-    return port
+def unreachable_providers() -> list[dict[str, Any]]:
+    """The default provider at a loopback port nothing listens on."""
+    return [anthropic_provider(f"http://127.0.0.1:{free_port()}")]
 
 
 def stream_body() -> bytes:
@@ -233,16 +237,7 @@ async def test_get_on_messages_is_405(gateway: Gateway) -> None:
 
 @pytest.mark.parametrize("stream", [False, True], ids=["blocking", "streaming"])
 async def test_unreachable_upstream_is_502(make_gateway: GatewayFactory, stream: bool) -> None:
-    gw = await make_gateway(
-        providers=[
-            {
-                "name": "anthropic",
-                "type": "anthropic",
-                "base_url": f"http://127.0.0.1:{dead_port()}",
-                "api_key": UPSTREAM_KEY,
-            }
-        ]
-    )
+    gw = await make_gateway(providers=unreachable_providers())
 
     status, headers, out = await send(f"{gw.url}/v1/messages", body_of(stream=stream))
 
@@ -261,16 +256,7 @@ async def test_unreachable_upstream_is_502(make_gateway: GatewayFactory, stream:
 async def test_sdk_sees_internal_server_error_when_upstream_unreachable(
     make_gateway: GatewayFactory,
 ) -> None:
-    gw = await make_gateway(
-        providers=[
-            {
-                "name": "anthropic",
-                "type": "anthropic",
-                "base_url": f"http://127.0.0.1:{dead_port()}",
-                "api_key": UPSTREAM_KEY,
-            }
-        ]
-    )
+    gw = await make_gateway(providers=unreachable_providers())
     async with anthropic.AsyncAnthropic(
         base_url=gw.url, api_key=GATEWAY_KEY, max_retries=0
     ) as client:

@@ -24,6 +24,7 @@ from tests.conftest import (
     UPSTREAM_KEY,
     Gateway,
     GatewayFactory,
+    anthropic_provider,
     by_kind,
 )
 
@@ -376,17 +377,7 @@ async def test_personal_mode_without_key_is_401(
 async def test_actor_headers_sent_when_enabled(
     make_gateway: GatewayFactory, upstream: FakeUpstream
 ) -> None:
-    gw = await make_gateway(
-        providers=[
-            {
-                "name": "anthropic",
-                "type": "anthropic",
-                "base_url": upstream.url,
-                "api_key": UPSTREAM_KEY,
-                "send_actor_headers": True,
-            }
-        ]
-    )
+    gw = await make_gateway(providers=[anthropic_provider(upstream.url, send_actor_headers=True)])
     gw.upstream.enqueue(reply_for(False))
     hdrs = keyed(**{"X-AI-Bridge-Actor-Id": "spoofed", "X-AI-Bridge-Actor-Metadata-team": "evil"})
 
@@ -568,16 +559,7 @@ async def test_passthrough_refuses_other_methods(gateway: Gateway, method: str, 
 async def test_provider_base_url_with_path(
     make_gateway: GatewayFactory, upstream: FakeUpstream
 ) -> None:
-    gw = await make_gateway(
-        providers=[
-            {
-                "name": "anthropic",
-                "type": "anthropic",
-                "base_url": upstream.url + "/api",
-                "api_key": UPSTREAM_KEY,
-            }
-        ]
-    )
+    gw = await make_gateway(providers=[anthropic_provider(upstream.url + "/api")])
     gw.upstream.enqueue(
         reply_for(False),
         Reply(status=200, headers={"Content-Type": "application/json"}, body=MODELS),

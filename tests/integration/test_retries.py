@@ -6,7 +6,7 @@ import aiohttp
 import orjson
 
 from gateway.testing import FakeUpstream, Reply, load_txtar
-from tests.conftest import FIXTURES, GATEWAY_KEY, UPSTREAM_KEY, GatewayFactory, by_kind
+from tests.conftest import FIXTURES, GATEWAY_KEY, GatewayFactory, anthropic_provider, by_kind
 
 TEXT = load_txtar(FIXTURES / "anthropic" / "text.txtar")
 OVERLOADED = Reply(
@@ -17,15 +17,7 @@ OVERLOADED = Reply(
 
 
 def provider(upstream: FakeUpstream, max_retries: int) -> list[dict[str, object]]:
-    return [
-        {
-            "name": "anthropic",
-            "type": "anthropic",
-            "base_url": upstream.url,
-            "api_key": UPSTREAM_KEY,
-            "max_retries": max_retries,
-        }
-    ]
+    return [anthropic_provider(upstream.url, max_retries=max_retries)]
 
 
 async def post(url: str, stream: bool) -> tuple[int, bytes]:

@@ -25,6 +25,17 @@ async def wait_for_end(gw: Gateway, within: float = 10.0) -> dict[str, object]:
             await asyncio.sleep(0.05)
 
 
+async def read_whole_stream(gw: Gateway) -> bytes:
+    """Send the streamed request; every byte the client receives."""
+    async with (
+        aiohttp.ClientSession() as http,
+        http.post(
+            f"{gw.url}/v1/messages", json=REQUEST, headers={"x-api-key": GATEWAY_KEY}
+        ) as resp,
+    ):
+        return await resp.read()
+
+
 async def read_first_chunk_then_disconnect(gw: Gateway) -> None:
     async with aiohttp.ClientSession() as http:
         resp = await http.post(
@@ -94,13 +105,7 @@ async def test_pings_sent_while_upstream_is_silent(make_gateway: GatewayFactory)
         event_delay=0.5,
     )
     gw.upstream.enqueue(slow)
-    async with (
-        aiohttp.ClientSession() as http,
-        http.post(
-            f"{gw.url}/v1/messages", json=REQUEST, headers={"x-api-key": GATEWAY_KEY}
-        ) as resp,
-    ):
-        received = await resp.read()
+    received = await read_whole_stream(gw)
     pings = received.count(ANTHROPIC_PING)
     assert pings >= 4
     without_pings = received.replace(ANTHROPIC_PING, b"")
@@ -113,11 +118,5 @@ async def test_no_ping_when_events_flow(make_gateway: GatewayFactory) -> None:
     gw = await make_gateway(ping_interval=0.5)
     reply = Reply.from_section(TEXT["streaming"])
     gw.upstream.enqueue(reply)
-    async with (
-        aiohttp.ClientSession() as http,
-        http.post(
-            f"{gw.url}/v1/messages", json=REQUEST, headers={"x-api-key": GATEWAY_KEY}
-        ) as resp,
-    ):
-        received = await resp.read()
+    received = await read_whole_stream(gw)
     assert received.count(b"event: ping") == reply.body.count(b"event: ping")

@@ -8,9 +8,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import os
-import socket
-import sys
 import time
 from collections import Counter, defaultdict
 from collections.abc import Callable, Iterable
@@ -21,8 +18,6 @@ import aiohttp
 import grpc
 import orjson
 import pytest
-import yaml
-from prometheus_client.parser import text_string_to_metric_families
 
 from control.v1 import control_pb2 as pb
 from control.v1 import control_pb2_grpc
@@ -32,10 +27,11 @@ from tests.conftest import (
     CONTROL_TOKEN,
     FIXTURES,
     GATEWAY_KEY,
-    UPSTREAM_KEY,
     Gateway,
     GatewayFactory,
+    metric_value,
 )
+from tests.processes import DaemonProcess
 
 if TYPE_CHECKING:
     from control.v1.control_pb2_grpc import ControlServiceAsyncStub as Stub
@@ -43,7 +39,7 @@ if TYPE_CHECKING:
 TEXT = load_txtar(FIXTURES / "anthropic" / "text.txtar")
 KINDS = {"interception_started", "prompt_usage", "token_usage", "interception_ended"}
 HEADERS = {"x-api-key": GATEWAY_KEY, "content-type": "application/json"}
-AIBRIDGED = str(Path(sys.executable).with_name("aibridged"))
+DROPPED = "aibridged_usage_records_dropped_total"
 
 
 # -- helpers -----------------------------------------------------------------------------------
@@ -122,80 +118,6 @@ class Reader:
         await asyncio.gather(self._task, return_exceptions=True)
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-class DaemonProcess:
-    """``aibridged serve`` as a subprocess on a fixed config, restartable on the same spool."""
-
-    def __init__(self, tmp_path: Path, upstream: FakeUpstream) -> None:
-        self.dir = tmp_path
-        self.port, self.control_port = free_port(), free_port()
-        self.config = tmp_path / "aibridged.yaml"
-        config = {
-            "listen": f"127.0.0.1:{self.port}",
-            "control_listen": f"127.0.0.1:{self.control_port}",
-            "metrics_listen": "127.0.0.1:0",
-            "control_token": CONTROL_TOKEN,
-            "spool_path": str(tmp_path / "spool.db"),
-            "providers": [
-                {
-                    "name": "anthropic",
-                    "type": "anthropic",
-                    "base_url": upstream.url,
-                    "api_key": UPSTREAM_KEY,
-                }
-            ],
-            "api_keys": [{"key": GATEWAY_KEY, "actor_id": "u-1", "username": "alice"}],
-        }
-        self.config.write_text(yaml.safe_dump(config))
-        self.proc: asyncio.subprocess.Process | None = None
-        self.runs = 0
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}/anthropic"
-
-    @property
-    def control_target(self) -> str:
-        return f"127.0.0.1:{self.control_port}"
-
-    async def start(self) -> None:
-        env = {k: v for k, v in os.environ.items() if not k.startswith(("AIBRIDGED_", "ANTHROPIC"))}
-        log = os.open(self.dir / f"daemon-{self.runs}.log", os.O_WRONLY | os.O_CREAT)
-        self.runs += 1
-        try:
-            self.proc = await asyncio.create_subprocess_exec(
-                AIBRIDGED, "serve", "--config", str(self.config), env=env, stderr=log
-            )
-        finally:
-            os.close(log)
-        async with aiohttp.ClientSession() as http, asyncio.timeout(20):
-            while True:
-                assert self.proc.returncode is None, "daemon exited during startup"
-                try:
-                    async with http.get(f"http://127.0.0.1:{self.port}/healthz") as r:
-                        if r.status == 200:
-                            return
-                except aiohttp.ClientConnectionError:
-                    pass
-                await asyncio.sleep(0.05)
-
-    def kill(self) -> None:
-        """SIGKILL: no shutdown code runs, nothing is flushed."""
-        assert self.proc is not None
-        self.proc.kill()
-
-    async def stop(self) -> None:
-        if self.proc is not None and self.proc.returncode is None:
-            self.proc.kill()
-        if self.proc is not None:
-            await self.proc.wait()
-
-
 async def read_everything(target: str, after: int = 0, epoch: str = "") -> list[pb.UsageRecord]:
     """Connect to a (restarted) daemon and read every spooled record above ``after``."""
     async with grpc.aio.insecure_channel(target) as channel:
@@ -209,19 +131,6 @@ async def read_everything(target: str, after: int = 0, epoch: str = "") -> list[
         finally:
             await reader.close()
         return reader.records
-
-
-async def dropped_metric(url: str, reason: str) -> float:
-    async with aiohttp.ClientSession() as http, http.get(url) as r:
-        text = await r.text()
-    for family in text_string_to_metric_families(text):
-        for sample in family.samples:
-            if (
-                sample.name == "aibridged_usage_records_dropped_total"
-                and sample.labels.get("reason") == reason
-            ):
-                return float(sample.value)
-    return 0.0
 
 
 # -- (a) reconnect and resume ------------------------------------------------------------------
@@ -283,7 +192,7 @@ async def test_sigkill_under_load_keeps_every_record_of_completed_requests(
 ) -> None:
     """Every request that completed before the kill keeps all its records; acked ones stay gone."""
     upstream.default = Reply.from_section(TEXT["non-streaming"])
-    daemon = DaemonProcess(tmp_path, upstream)
+    daemon = DaemonProcess(tmp_path, upstream.url, control=True)
     completed: dict[str, float] = {}  # interception id -> when the client had the whole response
     interrupted = 0
     stop = asyncio.Event()
@@ -325,7 +234,7 @@ async def test_sigkill_under_load_keeps_every_record_of_completed_requests(
             daemon.kill()
             stop.set()
             await asyncio.gather(*clients)
-            await daemon.stop()
+            await daemon.wait()
             await reader.close()
         acked = [r for r in reader.records if r.seq <= acked_through]
         unacked_seen = [r for r in reader.records if r.seq > acked_through]
@@ -336,7 +245,7 @@ async def test_sigkill_under_load_keeps_every_record_of_completed_requests(
             assert (await get_status(stub)).spool_epoch == epoch, "epoch changed across restart"
         delivered = await read_everything(daemon.control_target, acked_through, epoch)
     finally:
-        await daemon.stop()
+        await daemon.close()
 
     assert interrupted > 0, "the kill should hit requests in flight"
     assert acked and unacked_seen
@@ -363,7 +272,7 @@ async def test_sigkill_right_after_the_response_loses_no_record(
 ) -> None:
     """A response is released only once its records are committed: a kill at once keeps them."""
     upstream.default = Reply.from_section(TEXT["non-streaming"])
-    daemon = DaemonProcess(tmp_path, upstream)
+    daemon = DaemonProcess(tmp_path, upstream.url, control=True)
     try:
         await daemon.start()
         for stream in (False, True, False, True):
@@ -371,13 +280,13 @@ async def test_sigkill_right_after_the_response_loses_no_record(
             async with aiohttp.ClientSession() as http:
                 interception_id = await ask(http, daemon.url, stream)
                 daemon.kill()  # the client has its whole response: the request is complete
-            await daemon.stop()
+            await daemon.wait()
             await daemon.start()
             records = await read_everything(daemon.control_target)
             kinds = kinds_by_interception(records).get(interception_id, set())
             assert kinds == KINDS, f"stream={stream}: records lost: {sorted(KINDS - kinds)}"
     finally:
-        await daemon.stop()
+        await daemon.close()
 
 
 # -- (c) concurrency ---------------------------------------------------------------------------
@@ -443,7 +352,7 @@ async def test_spool_bound_drops_oldest_and_says_so(
     caplog.set_level(logging.ERROR, logger="aibridged.spool")
     upstream.default = Reply.from_section(TEXT["non-streaming"])
     gw = await make_gateway(control_token=CONTROL_TOKEN, spool_max_records=8)
-    before = await dropped_metric(gw.metrics_url, "spool_max_records")
+    before = await metric_value(gw.metrics_url, DROPPED, reason="spool_max_records")
     await ask_many(gw.url, 1)
     await gw.daemon.spool.flush()
     checked = time.time()  # the first commit's bound check ran before this
@@ -464,7 +373,9 @@ async def test_spool_bound_drops_oldest_and_says_so(
     assert dropped >= 4
     assert status.spool_depth <= 8 + 4
     assert status.spool_depth + dropped == 16
-    assert await dropped_metric(gw.metrics_url, "spool_max_records") - before == dropped
+    assert (
+        await metric_value(gw.metrics_url, DROPPED, reason="spool_max_records") - before == dropped
+    )
     errors = [
         r for r in caplog.records if r.name == "aibridged.spool" and r.levelno == logging.ERROR
     ]

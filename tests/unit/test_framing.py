@@ -3,28 +3,16 @@
 from __future__ import annotations
 
 from itertools import pairwise
-from pathlib import Path
 
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from gateway.sse import Frame, FrameTooLarge, SSEFramer
-from gateway.testing import load_txtar, split_events
+from gateway.testing import split_events
+from tests.conftest import recorded_sse_streams
 
-FIXTURES = Path(__file__).resolve().parents[1] / "fixtures" / "anthropic"
-
-
-def _sse_streams() -> list[tuple[str, bytes]]:
-    streams = []
-    for path in sorted(FIXTURES.glob("*.txtar")):
-        text = load_txtar(path).get("streaming")
-        if text is not None and not text.startswith("HTTP/"):
-            streams.append((path.stem, text.encode()))
-    return streams
-
-
-STREAMS = _sse_streams()
+STREAMS = recorded_sse_streams()
 STREAM_IDS = [name for name, _ in STREAMS]
 CUTS = st.lists(st.integers(min_value=0, max_value=1 << 20), max_size=40)
 

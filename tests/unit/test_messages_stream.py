@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any, cast
 
 import orjson
@@ -14,9 +13,8 @@ from anthropic.types import RawMessageStreamEvent
 from gateway.intercept.messages.stream import MessagesStream, StreamError
 from gateway.records import ModelThought, PromptUsage, Record, TokenUsage, ToolUsage
 from gateway.sse import Frame, SSEFramer, encode
-from gateway.testing import load_txtar
+from tests.conftest import recorded_sse_streams
 
-FIXTURES = Path(__file__).resolve().parents[1] / "fixtures" / "anthropic"
 IID = "intc_0123456789abcdef"
 PROMPT = "the user's last prompt"
 _SDK_EVENTS = frozenset(
@@ -31,16 +29,7 @@ _SDK_EVENTS = frozenset(
 )
 
 
-def _sse_streams() -> list[tuple[str, bytes]]:
-    streams = []
-    for path in sorted(FIXTURES.glob("*.txtar")):
-        text = load_txtar(path).get("streaming")
-        if text is not None and not text.startswith("HTTP/"):
-            streams.append((path.stem, text.encode()))
-    return streams
-
-
-STREAMS = _sse_streams()
+STREAMS = recorded_sse_streams()
 STREAM_IDS = [name for name, _ in STREAMS]
 
 
@@ -95,25 +84,27 @@ def _event(name: str, payload: dict[str, Any]) -> bytes:
     return encode(name, orjson.dumps(payload))
 
 
+def _message_start(msg_id: str, usage: dict[str, Any]) -> dict[str, Any]:
+    """A ``message_start`` payload: an empty assistant message."""
+    return {
+        "type": "message_start",
+        "message": {
+            "id": msg_id,
+            "type": "message",
+            "role": "assistant",
+            "model": "claude-x",
+            "content": [],
+            "stop_reason": None,
+            "stop_sequence": None,
+            "usage": usage,
+        },
+    }
+
+
 def _tiny_stream(msg_id: str, start_usage: dict[str, Any], delta_usage: dict[str, Any]) -> bytes:
     return b"".join(
         [
-            _event(
-                "message_start",
-                {
-                    "type": "message_start",
-                    "message": {
-                        "id": msg_id,
-                        "type": "message",
-                        "role": "assistant",
-                        "model": "claude-x",
-                        "content": [],
-                        "stop_reason": None,
-                        "stop_sequence": None,
-                        "usage": start_usage,
-                    },
-                },
-            ),
+            _event("message_start", _message_start(msg_id, start_usage)),
             _event(
                 "content_block_start",
                 {
@@ -369,21 +360,9 @@ def test_error_event_with_unparseable_data() -> None:
 
 def test_id_twice_falls_back_to_reencode_keeping_other_keys() -> None:
     msg_id = "msg_dup"
-    payload = {
-        "type": "message_start",
-        "message": {
-            "id": msg_id,
-            "type": "message",
-            "role": "assistant",
-            "model": "claude-x",
-            "content": [],
-            "stop_reason": None,
-            "stop_sequence": None,
-            "usage": {"input_tokens": 3, "output_tokens": 1},
-            "metadata": {"echo": msg_id},
-        },
-        "extra_top_level": [1, 2.5, "x"],
-    }
+    payload = _message_start(msg_id, {"input_tokens": 3, "output_tokens": 1})
+    payload["message"]["metadata"] = {"echo": msg_id}
+    payload["extra_top_level"] = [1, 2.5, "x"]
     raw = b"event: message_start\ndata:   " + orjson.dumps(payload) + b"  \n\n"
     assert raw.count(orjson.dumps(msg_id)) == 2
     stream = MessagesStream(IID, PROMPT)
