@@ -132,7 +132,7 @@ async def test_open_usage_stream_ends_cleanly_at_shutdown_with_everything_sent(
         await asyncio.wait_for(stopping, 15)
         await asyncio.wait_for(reader, 5)
         assert await call.code() == grpc.StatusCode.OK
-    kinds = [r.WhichOneof("record") for r in received]
+    kinds = [str(r.WhichOneof("record")) for r in received]
     assert kinds.count("interception_ended") == 1
     assert sorted(kinds) == sorted(
         ["interception_started", "prompt_usage", "token_usage", "interception_ended"]
