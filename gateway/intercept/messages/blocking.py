@@ -1,13 +1,15 @@
-"""Anthropic Messages blocking responses: id rewrite and records (pure)."""
+"""Anthropic Messages blocking responses: id rewrite, records, injected-tool turns (pure)."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from typing import Any
 
 import orjson
 
 from gateway.intercept.messages.rewrite_id import replace_id
+from gateway.intercept.messages.stream import ToolCall
 from gateway.intercept.messages.usage import MessageUsage
 from gateway.records import ModelThought, PromptUsage, Record, ToolUsage
 
@@ -19,56 +21,129 @@ class BlockingResult:
     body: bytes
     records: list[Record]
     error: str = ""
+    tool_calls: list[ToolCall] = field(default_factory=list)
+    assistant: dict[str, Any] | None = None
+
+
+class BlockingTurns:
+    """The upstream responses of one blocking interception, one ``feed`` per upstream call.
+
+    With injected tools, a response whose only tool calls are injected ones is a turn the
+    gateway continues itself (``tool_calls`` is non-empty); the last response goes to the
+    client with the interception id and, after a loop, the usage of every turn summed.
+    """
+
+    def __init__(
+        self,
+        interception_id: str,
+        prompt: str | None,
+        injected: Callable[[str], bool] | None = None,
+    ) -> None:
+        self.interception_id = interception_id
+        self._prompt = prompt
+        self._injected = injected
+        self._totals = MessageUsage()
+        self.turns = 0
+
+    def feed(self, body: bytes) -> BlockingResult:
+        """Account one 200 response; say whether to continue (``tool_calls``) or answer."""
+        try:
+            message = orjson.loads(body)
+        except orjson.JSONDecodeError:
+            message = None
+        records: list[Record] = []
+        first = self.turns == 0
+        self.turns += 1
+        if not isinstance(message, dict) or not isinstance(message.get("id"), str):
+            if first and self._prompt is not None:
+                records.append(PromptUsage(self.interception_id, "", self._prompt))
+            return BlockingResult(body, records, "upstream returned a body that is not a message")
+        msg_id: str = message["id"]
+        if first and self._prompt is not None:
+            records.append(PromptUsage(self.interception_id, msg_id, self._prompt))
+        usage = MessageUsage()
+        usage.update(message.get("usage"))
+        records.append(usage.record(self.interception_id, msg_id))
+        self._totals = self._totals.plus(usage)
+        content = message.get("content")
+        content = content if isinstance(content, list) else []
+        calls = self._content_records(content, msg_id, records)
+        if calls:
+            return BlockingResult(body, records, tool_calls=calls, assistant=_assistant(content))
+        return BlockingResult(self._client_body(body, message, msg_id, content), records)
+
+    def _client_body(
+        self, body: bytes, message: dict[str, Any], msg_id: str, content: list[Any]
+    ) -> bytes:
+        # Injected calls left in a final turn (it also called client tools) are not run: the
+        # client must not see them, or it would owe a result for a tool it does not know.
+        visible = [b for b in content if not self._is_injected_call(b)]
+        if len(visible) != len(content):
+            message["content"] = visible
+        elif self.turns == 1:
+            rewritten = replace_id(body, msg_id, self.interception_id)
+            if rewritten is not None:
+                return rewritten
+        message["id"] = self.interception_id
+        if self.turns > 1:
+            usage = message.get("usage")
+            usage = usage if isinstance(usage, dict) else {}
+            usage.update(self._totals.as_anthropic())
+            message["usage"] = usage
+        return orjson.dumps(message)
+
+    def _content_records(
+        self, content: list[Any], msg_id: str, records: list[Record]
+    ) -> list[ToolCall]:
+        """Append thoughts and client tool calls to ``records``; return the injected calls."""
+        injected: list[ToolCall] = []
+        client_tool = False
+        for block in content:
+            if not isinstance(block, dict):
+                continue
+            kind = block.get("type")
+            if kind == "thinking":
+                text = block.get("thinking")
+                if isinstance(text, str) and text:
+                    records.append(ModelThought(self.interception_id, msg_id, text))
+            elif kind == "tool_use":
+                name = str(block.get("name") or "")
+                tool_id = str(block.get("id") or "")
+                args = block.get("input")
+                if self._injected is not None and self._injected(name):
+                    injected.append(
+                        ToolCall(tool_id, name, args if isinstance(args, dict) else {}, msg_id)
+                    )
+                    continue
+                client_tool = True
+                records.append(
+                    ToolUsage(
+                        interception_id=self.interception_id,
+                        msg_id=msg_id,
+                        tool=name,
+                        tool_call_id=tool_id,
+                        args=orjson.dumps(args if args is not None else {}).decode(),
+                    )
+                )
+        # A turn that also calls client tools goes back to the client, which must answer first.
+        return [] if client_tool else injected
+
+    def _is_injected_call(self, block: Any) -> bool:
+        return (
+            self._injected is not None
+            and isinstance(block, dict)
+            and block.get("type") == "tool_use"
+            and self._injected(str(block.get("name") or ""))
+        )
+
+
+def _assistant(content: list[Any]) -> dict[str, Any]:
+    return {"role": "assistant", "content": content}
 
 
 def rewrite_blocking(body: bytes, interception_id: str, prompt: str | None) -> BlockingResult:
-    """Rewrite the message id of a 200 response body and extract its records.
+    """Rewrite the message id of a 200 response body and extract its records (no tool loop).
 
     A body that is not a JSON message is relayed untouched and reported in ``error``.
     """
-    try:
-        message = orjson.loads(body)
-    except orjson.JSONDecodeError:
-        message = None
-    records: list[Record] = []
-    if not isinstance(message, dict) or not isinstance(message.get("id"), str):
-        if prompt is not None:
-            records.append(PromptUsage(interception_id, "", prompt))
-        return BlockingResult(body, records, "upstream returned a body that is not a message")
-    msg_id: str = message["id"]
-    if prompt is not None:
-        records.append(PromptUsage(interception_id, msg_id, prompt))
-    usage = MessageUsage()
-    usage.update(message.get("usage"))
-    records.append(usage.record(interception_id, msg_id))
-    content = message.get("content")
-    if isinstance(content, list):
-        records.extend(_content_records(content, interception_id, msg_id))
-    rewritten = replace_id(body, msg_id, interception_id)
-    if rewritten is None:
-        message["id"] = interception_id
-        rewritten = orjson.dumps(message)
-    return BlockingResult(rewritten, records)
-
-
-def _content_records(content: list[Any], interception_id: str, msg_id: str) -> list[Record]:
-    records: list[Record] = []
-    for block in content:
-        if not isinstance(block, dict):
-            continue
-        kind = block.get("type")
-        if kind == "thinking":
-            text = block.get("thinking")
-            if isinstance(text, str) and text:
-                records.append(ModelThought(interception_id, msg_id, text))
-        elif kind == "tool_use":
-            records.append(
-                ToolUsage(
-                    interception_id=interception_id,
-                    msg_id=msg_id,
-                    tool=str(block.get("name") or ""),
-                    tool_call_id=str(block.get("id") or ""),
-                    args=orjson.dumps(block.get("input", {})).decode(),
-                )
-            )
-    return records
+    return BlockingTurns(interception_id, prompt).feed(body)

@@ -1,21 +1,27 @@
 """Anthropic Messages stream rewriter: a pure state machine fed with SSE frames.
 
 ``feed(frame)`` returns the bytes to send to the client for that frame (``b""`` to hide it) and
-queues records, which the I/O shell collects with ``take_records()``. Only the frames that must be
-read are parsed: ``message_*`` always, ``content_block_*`` only while a thinking or tool_use block
-is open (text deltas, the bulk of a stream, are relayed without being decoded).
+queues records, which the I/O shell collects with ``take_records()``. Without injected tools only
+``message_*`` frames are parsed and the one rewrite is ``message_start.message.id``; text deltas,
+the bulk of a stream, pass as the provider's bytes.
 
-The only rewrite is ``message_start.message.id`` (to the interception id); no key is ever added to
-an event that did not have it.
+With injected tools (``injected`` given) one client-visible message may span several upstream
+turns: the gateway runs the tools the model called and continues the conversation itself. Then
+the client sees a single ``message_start`` (the first), no trace of injected ``tool_use`` blocks
+or of the turns that only called them, content-block indices renumbered monotonically across
+turns, and a final ``message_delta`` whose usage is the total of all turns. No key is ever added
+to an event that did not have it, except the cumulative usage fields of that final delta.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 import orjson
 
+from gateway.intercept.messages.accumulate import TurnAccumulator
 from gateway.intercept.messages.rewrite_id import replace_id
 from gateway.intercept.messages.usage import MessageUsage
 from gateway.records import ModelThought, PromptUsage, Record, ToolUsage
@@ -31,6 +37,7 @@ class _Block:
     name: str = ""
     initial_input: Any = None
     parts: list[str] = field(default_factory=list)
+    hidden: bool = False
 
 
 @dataclass(slots=True)
@@ -41,19 +48,43 @@ class StreamError:
     message: str
 
 
+@dataclass(frozen=True, slots=True)
+class ToolCall:
+    """An injected tool the model called in a turn."""
+
+    tool_use_id: str
+    name: str
+    input: dict[str, Any]
+    msg_id: str
+
+
 class MessagesStream:
     """Rewrites one client-visible Anthropic stream and extracts its records."""
 
-    def __init__(self, interception_id: str, prompt: str | None) -> None:
+    def __init__(
+        self,
+        interception_id: str,
+        prompt: str | None,
+        injected: Callable[[str], bool] | None = None,
+    ) -> None:
         self.interception_id = interception_id
         self._prompt = prompt
         self._prompt_recorded = prompt is None
+        self._injected = injected
         self._records: list[Record] = []
         self._msg_id = ""
         self._usage: MessageUsage | None = None
         self._open: dict[int, _Block] = {}
         self.error: StreamError | None = None
         self.message_stopped = False
+        # Multi-turn state (only used with injected tools).
+        self.turn = 0
+        self._totals = MessageUsage()
+        self._acc: TurnAccumulator | None = TurnAccumulator() if injected else None
+        self._index_map: dict[int, int] = {}
+        self._next_index = 0
+        self._turn_calls: list[_Block] = []
+        self._turn_client_tool = False
         self._handlers = {
             "message_start": self._message_start,
             "message_delta": self._message_delta,
@@ -102,6 +133,47 @@ class MessagesStream:
         """The provider's id of the current (or last) message."""
         return self._msg_id
 
+    @property
+    def tool_calls(self) -> list[ToolCall]:
+        """Injected calls of the turn that just ended, when the gateway must run them.
+
+        Empty when the turn is final: no injected call, or a client tool was called too (then
+        the client must answer first; the injected calls of that turn are not run).
+        """
+        if self._acc is None or self._turn_client_tool or not self.message_stopped:
+            return []
+        inputs = {b.get("id"): b.get("input") for b in self._acc.content()}
+        calls = []
+        for block in self._turn_calls:
+            args = inputs.get(block.tool_id)
+            calls.append(
+                ToolCall(
+                    block.tool_id, block.name, args if isinstance(args, dict) else {}, self._msg_id
+                )
+            )
+        return calls
+
+    @property
+    def skipped_calls(self) -> list[ToolCall]:
+        """Injected calls of a final turn that also called client tools (never run)."""
+        if self._acc is None or not self._turn_client_tool:
+            return []
+        return [ToolCall(b.tool_id, b.name, {}, self._msg_id) for b in self._turn_calls]
+
+    def assistant_message(self) -> dict[str, Any]:
+        """The turn that just ended, as the assistant message of the continuation request."""
+        assert self._acc is not None, "only available with injected tools"
+        return {"role": "assistant", "content": self._acc.content()}
+
+    def next_turn(self) -> None:
+        """Prepare for the next upstream stream of the same client-visible message."""
+        self.turn += 1
+        self.message_stopped = False
+        self._acc = TurnAccumulator()
+        self._index_map = {}
+        self._turn_calls = []
+        self._turn_client_tool = False
+
     # -- handlers ---------------------------------------------------------------------------
 
     def _message_start(self, frame: Frame) -> bytes:
@@ -113,6 +185,8 @@ class MessagesStream:
         self._usage = MessageUsage()
         self._usage.update(message.get("usage"))
         self._record_prompt(self._msg_id)
+        if self.turn > 0:
+            return b""  # the client already has its message_start
         if not self._msg_id:
             return frame.raw
         rewritten = replace_id(frame.raw, self._msg_id, self.interception_id)
@@ -123,15 +197,31 @@ class MessagesStream:
 
     def _message_delta(self, frame: Frame) -> bytes:
         event = _loads(frame.data)
-        if event is not None and self._usage is not None:
-            self._usage.update(event.get("usage"))
-        return frame.raw
+        if event is None or self._usage is None:
+            return frame.raw
+        self._usage.update(event.get("usage"))
+        if self._acc is None:
+            return frame.raw
+        if self._turn_calls and not self._turn_client_tool:
+            return b""  # the loop goes on: this turn's end stays hidden
+        if self.turn == 0:
+            return frame.raw
+        # Final turn of a loop: the client's usage is the total of every turn.
+        total = self._totals.plus(self._usage)
+        usage = event.get("usage")
+        usage = usage if isinstance(usage, dict) else {}
+        usage.update(total.as_anthropic())
+        event["usage"] = usage
+        return encode(frame.event, orjson.dumps(event))
 
     def _message_stop(self, frame: Frame) -> bytes:
         if self._usage is not None:
             self._records.append(self._usage.record(self.interception_id, self._msg_id))
+            self._totals = self._totals.plus(self._usage)
             self._usage = None
         self.message_stopped = True
+        if self._acc is not None and self._turn_calls and not self._turn_client_tool:
+            return b""
         return frame.raw
 
     def _block_start(self, frame: Frame) -> bytes:
@@ -140,51 +230,78 @@ class MessagesStream:
             return frame.raw
         block = event.get("content_block")
         index = event.get("index")
-        if isinstance(block, dict) and isinstance(index, int):
-            kind = block.get("type")
-            if kind in _TRACKED_BLOCKS:
-                tracked = _Block(type=str(kind))
-                if kind == "thinking":
-                    text = block.get("thinking")
-                    if isinstance(text, str) and text:
-                        tracked.parts.append(text)
-                else:
-                    tracked.tool_id = str(block.get("id") or "")
-                    tracked.name = str(block.get("name") or "")
-                    tracked.initial_input = block.get("input")
-                self._open[index] = tracked
-        return frame.raw
+        if not isinstance(block, dict) or not isinstance(index, int):
+            return frame.raw
+        kind = block.get("type")
+        tracked: _Block | None = None
+        if kind in _TRACKED_BLOCKS:
+            tracked = _Block(type=str(kind))
+            if kind == "thinking":
+                text = block.get("thinking")
+                if isinstance(text, str) and text:
+                    tracked.parts.append(text)
+            else:
+                tracked.tool_id = str(block.get("id") or "")
+                tracked.name = str(block.get("name") or "")
+                tracked.initial_input = block.get("input")
+            self._open[index] = tracked
+        if self._acc is None:
+            return frame.raw
+        self._acc.start(index, block)
+        injected = self._injected
+        if tracked is not None and kind == "tool_use" and injected and injected(tracked.name):
+            tracked.hidden = True
+            self._turn_calls.append(tracked)
+            return b""
+        if kind == "tool_use":
+            self._turn_client_tool = True
+        return self._renumber(frame, event, index, new=True)
 
     def _block_delta(self, frame: Frame) -> bytes:
-        if not self._open:
+        if not self._open and self._acc is None:
             return frame.raw
         event = _loads(frame.data)
         if event is None:
             return frame.raw
-        block = self._open.get(event.get("index"))  # type: ignore[arg-type]
+        index = event.get("index")
         delta = event.get("delta")
-        if block is None or not isinstance(delta, dict):
+        if not isinstance(index, int) or not isinstance(delta, dict):
             return frame.raw
-        kind = delta.get("type")
-        if kind == "thinking_delta":
-            text = delta.get("thinking")
-            if isinstance(text, str):
-                block.parts.append(text)
-        elif kind == "input_json_delta":
-            part = delta.get("partial_json")
-            if isinstance(part, str):
-                block.parts.append(part)
-        return frame.raw
+        block = self._open.get(index)
+        if block is not None:
+            kind = delta.get("type")
+            if kind == "thinking_delta":
+                text = delta.get("thinking")
+                if isinstance(text, str):
+                    block.parts.append(text)
+            elif kind == "input_json_delta":
+                part = delta.get("partial_json")
+                if isinstance(part, str):
+                    block.parts.append(part)
+        if self._acc is None:
+            return frame.raw
+        self._acc.delta(index, delta)
+        if block is not None and block.hidden:
+            return b""
+        return self._renumber(frame, event, index)
 
     def _block_stop(self, frame: Frame) -> bytes:
-        if not self._open:
+        if not self._open and self._acc is None:
             return frame.raw
         event = _loads(frame.data)
-        if event is not None:
-            block = self._open.pop(event.get("index"), None)  # type: ignore[arg-type]
-            if block is not None:
-                self._close_block(block)
-        return frame.raw
+        if event is None:
+            return frame.raw
+        index = event.get("index")
+        if not isinstance(index, int):
+            return frame.raw
+        block = self._open.pop(index, None)
+        if block is not None:
+            self._close_block(block)
+            if block.hidden:
+                return b""
+        if self._acc is None:
+            return frame.raw
+        return self._renumber(frame, event, index)
 
     def _error(self, frame: Frame) -> bytes:
         event = _loads(frame.data)
@@ -197,12 +314,25 @@ class MessagesStream:
 
     # -- helpers ----------------------------------------------------------------------------
 
+    def _renumber(
+        self, frame: Frame, event: dict[str, Any], index: int, new: bool = False
+    ) -> bytes:
+        """Give a client-visible block the next client index; re-encode only if it changed."""
+        if new:
+            self._index_map[index] = self._next_index
+            self._next_index += 1
+        client_index = self._index_map.get(index, index)
+        if client_index == index:
+            return frame.raw
+        event["index"] = client_index
+        return encode(frame.event, orjson.dumps(event))
+
     def _close_block(self, block: _Block) -> None:
         if block.type == "thinking":
             text = "".join(block.parts)
             if text:
                 self._records.append(ModelThought(self.interception_id, self._msg_id, text))
-        elif block.type == "tool_use":
+        elif block.type == "tool_use" and not block.hidden:
             args = "".join(block.parts)
             if not args:
                 args = orjson.dumps(block.initial_input or {}).decode()

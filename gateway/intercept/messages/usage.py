@@ -43,6 +43,30 @@ class MessageUsage:
                 if isinstance(value, int) and not isinstance(value, bool):
                     self.extra[name] = value
 
+    def plus(self, other: MessageUsage) -> MessageUsage:
+        """The sum of two messages' usage (for the total of an agentic loop)."""
+        extra = dict(self.extra)
+        for name, value in other.extra.items():
+            extra[name] = extra.get(name, 0) + value
+        return MessageUsage(
+            input=self.input + other.input,
+            output=self.output + other.output,
+            cache_read=self.cache_read + other.cache_read,
+            cache_write=self.cache_write + other.cache_write,
+            cache_write_5m=self.cache_write_5m + other.cache_write_5m,
+            cache_write_1h=self.cache_write_1h + other.cache_write_1h,
+            extra=extra,
+        )
+
+    def as_anthropic(self) -> dict[str, int]:
+        """The usage fields as Anthropic names them (for a rewritten final usage object)."""
+        return {
+            "input_tokens": self.input,
+            "cache_creation_input_tokens": self.cache_write,
+            "cache_read_input_tokens": self.cache_read,
+            "output_tokens": self.output,
+        }
+
     def record(self, interception_id: str, msg_id: str) -> TokenUsage:
         """The token-usage record for this message."""
         return TokenUsage(
