@@ -7,6 +7,7 @@ API keys, MCP servers) come from the YAML file, or from the environment as JSON
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Any, Literal
 
@@ -122,6 +123,11 @@ class Settings(BaseSettings):
     spool_max_records: int = Field(default=5_000_000, gt=0)
     spool_max_age: float = Field(default=7 * 86400.0, gt=0)
     metrics_enabled: bool = True
+    mcp_call_timeout: float = Field(default=60.0, gt=0)
+    mcp_list_timeout: float = Field(default=5.0, gt=0)
+    mcp_list_ttl: float = Field(default=300.0, gt=0)
+    mcp_max_iterations: int = Field(default=10, ge=1, le=100)
+    small_model_pattern: str = "haiku"
     byok_header: str = "x-aibridged-provider-key"
     log_level: Literal["debug", "info", "warning", "error"] = "info"
     event_loop: Literal["uvloop", "asyncio"] = "uvloop"
@@ -159,6 +165,15 @@ class Settings(BaseSettings):
                 raise ConfigError(f"control token file is empty: {self.control_token_file}")
             return token
         return None
+
+    @field_validator("small_model_pattern")
+    @classmethod
+    def _regex(cls, value: str) -> str:
+        try:
+            re.compile(value)
+        except re.error as exc:
+            raise ValueError(f"invalid regex: {exc}") from None
+        return value
 
     @field_validator("providers")
     @classmethod

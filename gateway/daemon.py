@@ -24,6 +24,7 @@ from gateway.config import Settings, host_port
 from gateway.proxy.app import Readiness, build_app
 from gateway.proxy.metrics_app import build_metrics_app
 from gateway.state import Snapshot, StateHolder
+from gateway.tools.mcp_pool import McpPool
 
 log = logging.getLogger("aibridged")
 
@@ -51,6 +52,7 @@ class Daemon:
     port: int
     control: ControlServer | None
     stop_streams: asyncio.Event
+    mcp_pool: McpPool
     metrics_runner: web.AppRunner | None = None
     metrics_port: int = 0
 
@@ -66,7 +68,15 @@ class Daemon:
         state = StateHolder(Snapshot.from_settings(settings))
         readiness = Readiness(state)
         stop_streams = asyncio.Event()
-        control = await cls._start_control(settings, state, spool, readiness, stop_streams)
+        mcp_pool = McpPool(
+            call_timeout=settings.mcp_call_timeout,
+            list_timeout=settings.mcp_list_timeout,
+            list_ttl=settings.mcp_list_ttl,
+        )
+        mcp_pool.configure(state.current.mcp_servers, state.current.mcp_tokens)
+        control = await cls._start_control(
+            settings, state, spool, readiness, stop_streams, mcp_pool
+        )
 
         metrics_runner, metrics_port = None, 0
         if settings.metrics_enabled:
@@ -74,7 +84,7 @@ class Daemon:
             await metrics_runner.setup()
             metrics_port = await _start_site(metrics_runner, settings.metrics_listen)
 
-        app = build_app(settings, state, spool, readiness)
+        app = build_app(settings, state, spool, readiness, mcp_pool)
         runner = web.AppRunner(
             app,
             handle_signals=False,
@@ -93,6 +103,7 @@ class Daemon:
             port,
             control,
             stop_streams,
+            mcp_pool,
             metrics_runner,
             metrics_port,
         )
@@ -106,6 +117,7 @@ class Daemon:
         spool: Spool,
         readiness: Readiness,
         stop_streams: asyncio.Event,
+        mcp_pool: McpPool,
     ) -> ControlServer | None:
         token = settings.control_bearer()
         if token is None:
@@ -115,7 +127,9 @@ class Daemon:
         pending: set[asyncio.Task[None]] = set()
 
         def on_change() -> None:
-            # Runs inside a push RPC: report the data plane's (new) readiness over gRPC health.
+            # Runs inside a push RPC: MCP connections follow the new servers and tokens (the
+            # next request uses them), and gRPC health reports the data plane's readiness.
+            mcp_pool.configure(state.current.mcp_servers, state.current.mcp_tokens)
             task = asyncio.get_running_loop().create_task(holder[0].set_ready(readiness.ready))
             pending.add(task)
             task.add_done_callback(pending.discard)
@@ -158,6 +172,7 @@ class Daemon:
         if self.control is not None:
             await self.control.begin_shutdown()
         await self.runner.cleanup()
+        await self.mcp_pool.close()
         await self.spool.flush()
         self.stop_streams.set()
         if self.control is not None:

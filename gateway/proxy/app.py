@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import re
 from collections.abc import AsyncIterator, Awaitable, Callable
 
 import aiohttp
@@ -16,6 +17,7 @@ from gateway.proxy.passthrough import ANTHROPIC_PASSTHROUGH, passthrough
 from gateway.proxy.relay import RelayOptions
 from gateway.proxy.upstream import make_session
 from gateway.state import StateHolder
+from gateway.tools.mcp_pool import McpPool
 
 log = logging.getLogger("aibridged.app")
 
@@ -60,7 +62,11 @@ async def provider_shaped_errors(request: web.Request, handler: Handler) -> web.
 
 
 def build_app(
-    settings: Settings, state: StateHolder, sink: UsageSink, readiness: Readiness
+    settings: Settings,
+    state: StateHolder,
+    sink: UsageSink,
+    readiness: Readiness,
+    mcp_pool: McpPool | None = None,
 ) -> web.Application:
     """Wire routes and the upstream session's lifetime to the app."""
     app = web.Application(
@@ -79,6 +85,9 @@ def build_app(
         ),
         byok_header=settings.byok_header.lower(),
         max_body_bytes=settings.max_body_bytes,
+        mcp_pool=mcp_pool,
+        small_model=re.compile(settings.small_model_pattern, re.IGNORECASE),
+        max_tool_iterations=settings.mcp_max_iterations,
     )
 
     async def upstream_session(_: web.Application) -> AsyncIterator[None]:

@@ -4,22 +4,27 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import re
 import uuid
 from dataclasses import dataclass
 
 import aiohttp
+import orjson
 from aiohttp import web
 
 from gateway.auth import Authenticated, authenticate
 from gateway.identity import client_session_id, detect_client
 from gateway.intercept.errors import anthropic_error_body
-from gateway.intercept.messages.request import RequestError, parse_request
+from gateway.intercept.messages.blocking import BlockingTurns
+from gateway.intercept.messages.request import MessagesRequest, RequestError, parse_request
 from gateway.intercept.messages.stream import MessagesStream
 from gateway.ports import UsageSink
 from gateway.proxy.relay import UPSTREAM_ERRORS, Interception, RelayOptions
+from gateway.proxy.tool_loop import StreamContinuation, ToolLoop
 from gateway.proxy.upstream import join_url, upstream_request_headers
 from gateway.records import InterceptionStarted
-from gateway.state import Provider, StateHolder
+from gateway.state import Provider, Snapshot, StateHolder
+from gateway.tools.mcp_pool import McpPool
 
 log = logging.getLogger("aibridged.handlers")
 
@@ -34,11 +39,40 @@ class Services:
     relay: RelayOptions
     byok_header: str
     max_body_bytes: int
+    mcp_pool: McpPool | None = None
+    small_model: re.Pattern[str] = re.compile("haiku", re.IGNORECASE)
+    max_tool_iterations: int = 10
 
     @property
     def session(self) -> aiohttp.ClientSession:
         """The shared upstream session (created inside the running loop)."""
         return self.session_ref[0]
+
+
+async def _tool_loop(
+    services: Services,
+    snapshot: Snapshot,
+    auth: Authenticated,
+    parsed: MessagesRequest,
+    interception_id: str,
+) -> ToolLoop | None:
+    """The injected tools for this request, already added to ``parsed.parsed``; None if none.
+
+    Requests for the small/fast model (titles, summaries) get no tools, streaming or not.
+    """
+    if services.mcp_pool is None or services.small_model.search(parsed.model):
+        return None
+    loop = await ToolLoop.prepare(
+        services.mcp_pool,
+        snapshot,
+        auth.actor.id,
+        interception_id,
+        services.sink,
+        services.max_tool_iterations,
+    )
+    if loop is None or not loop.inject(parsed.parsed):
+        return None
+    return loop
 
 
 def anthropic_error(status: int, message: str, error_type: str | None = None) -> web.Response:
@@ -122,11 +156,18 @@ async def messages(services: Services, request: web.Request) -> web.StreamRespon
         extra_strip=(services.byok_header,),
         actor=auth.actor if provider.send_actor_headers else None,
     )
-    url = join_url(provider.base_url, "/v1/messages", request.query_string)
+    icpt.target(
+        join_url(provider.base_url, "/v1/messages", request.query_string),
+        headers,
+        provider.max_retries,
+    )
     try:
+        loop = await _tool_loop(services, snapshot, auth, parsed, interception_id)
+        body = orjson.dumps(parsed.parsed) if loop is not None else parsed.body
+        injected = loop.is_injected if loop is not None else None
         response: web.StreamResponse
         try:
-            resp = await icpt.post(url, parsed.body, headers, provider.max_retries)
+            resp = await icpt.post_again(body)
         except UPSTREAM_ERRORS as exc:
             response = icpt.unreachable(exc)
         else:
@@ -134,10 +175,16 @@ async def messages(services: Services, request: web.Request) -> web.StreamRespon
                 if resp.status >= 400:
                     response = await icpt.upstream_error(resp)
                 elif parsed.stream and resp.content_type == "text/event-stream":
-                    rewriter = MessagesStream(interception_id, parsed.prompt)
-                    return await icpt.stream(request, resp, rewriter)
+                    rewriter = MessagesStream(interception_id, parsed.prompt, injected)
+                    more = (
+                        StreamContinuation(loop, parsed.parsed, icpt, icpt.outcome)
+                        if loop is not None
+                        else None
+                    )
+                    return await icpt.stream(request, resp, rewriter, more)
                 else:
-                    response = await icpt.blocking(resp, parsed.prompt)
+                    turns = BlockingTurns(interception_id, parsed.prompt, injected)
+                    response = await icpt.blocking(resp, turns, loop, parsed.parsed)
         await icpt.complete()
         return response
     except asyncio.CancelledError:

@@ -11,19 +11,23 @@ import logging
 import random
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Protocol
 
 import aiohttp
 from aiohttp import web
 from multidict import CIMultiDict
 
 from gateway.intercept.errors import anthropic_error_body, anthropic_error_event, parse_error_body
-from gateway.intercept.messages.blocking import rewrite_blocking
+from gateway.intercept.messages.blocking import BlockingTurns
 from gateway.intercept.messages.stream import MessagesStream
 from gateway.ports import UsageSink
 from gateway.records import EndStatus, InterceptionEnded
 from gateway.retry import retry_delay, should_retry
 from gateway.sse import FrameTooLarge, SSEFramer
 from gateway.sse.keepalive import ANTHROPIC_PING
+
+if TYPE_CHECKING:
+    from gateway.proxy.tool_loop import ToolLoop
 
 log = logging.getLogger("aibridged.relay")
 
@@ -73,6 +77,17 @@ class Interception:
         self.options = options
         self.outcome = Outcome()
         self._ended = False
+        self._url = ""
+        self._headers: CIMultiDict[str] = CIMultiDict()
+        self._max_retries = 0
+
+    def target(self, url: str, headers: CIMultiDict[str], max_retries: int) -> None:
+        """Where this interception's upstream calls go (the first and every continuation)."""
+        self._url, self._headers, self._max_retries = url, headers, max_retries
+
+    async def post_again(self, body: bytes) -> aiohttp.ClientResponse:
+        """POST ``body`` to the interception's upstream endpoint (retries included)."""
+        return await self.post(self._url, body, self._headers, self._max_retries)
 
     def end(self) -> None:
         """Write the end record (once, synchronously: it must survive handler cancellation)."""
@@ -144,27 +159,56 @@ class Interception:
         out.content_type = resp.content_type or "application/json"
         return out
 
-    async def blocking(self, resp: aiohttp.ClientResponse, prompt: str | None) -> web.Response:
-        """A complete JSON response: rewrite its id, record it, return it."""
+    async def blocking(
+        self,
+        resp: aiohttp.ClientResponse,
+        turns: BlockingTurns,
+        loop: ToolLoop | None = None,
+        body: dict[str, Any] | None = None,
+    ) -> web.Response:
+        """A JSON response: record it, run injected tools while the model calls them, answer."""
+        first = resp
         try:
-            body = await resp.read()
-        except UPSTREAM_ERRORS as exc:
-            return self.unreachable(exc)
-        self.outcome.upstream_status = resp.status
-        result = rewrite_blocking(body, self.id, prompt)
-        for record in result.records:
-            self.sink.submit(record)
-        if result.error:
-            self.outcome.fail("invalid_upstream_response", result.error)
-        out = web.Response(status=resp.status, body=result.body, headers=_relayed(resp))
-        out.content_type = resp.content_type or "application/json"
-        return out
+            while True:
+                try:
+                    raw = await resp.read()
+                except UPSTREAM_ERRORS as exc:
+                    return self.unreachable(exc)
+                self.outcome.upstream_status = resp.status
+                result = turns.feed(raw)
+                for record in result.records:
+                    self.sink.submit(record)
+                if result.error:
+                    self.outcome.fail("invalid_upstream_response", result.error)
+                if loop is None or body is None or not result.tool_calls:
+                    break
+                if turns.turns >= loop.max_iterations:
+                    self.outcome.fail("tool_loop_limit", loop.limit_message())
+                    return _json(502, anthropic_error_body(502, loop.limit_message()))
+                results = await loop.run(result.tool_calls)
+                assert result.assistant is not None
+                payload = loop.continuation(body, result.assistant, results)
+                if resp is not first:
+                    resp.release()
+                try:
+                    resp = await self.post_again(payload)
+                except UPSTREAM_ERRORS as exc:
+                    return self.unreachable(exc)
+                if resp.status >= 400:
+                    return await self.upstream_error(resp)
+            out = web.Response(status=resp.status, body=result.body, headers=_relayed(resp))
+            out.content_type = resp.content_type or "application/json"
+            return out
+        finally:
+            if resp is not first:
+                resp.release()
 
     async def stream(
         self,
         request: web.Request,
         resp: aiohttp.ClientResponse,
         rewriter: MessagesStream,
+        continuation: Continuation | None = None,
     ) -> web.StreamResponse:
         """Relay an SSE stream event by event, with keep-alive pings and disconnect handling."""
         self.outcome.upstream_status = resp.status
@@ -179,12 +223,28 @@ class Interception:
             await out.prepare(request)
         except CLIENT_GONE:
             writer.mark_gone()
-        framer = SSEFramer()
         tail = b""
+        current = resp
         try:
             if not writer.gone:
                 writer.start_pinger()
-            tail = await self._pump(resp, framer, rewriter, writer)
+            while True:
+                left.resp = current
+                tail = await self._pump(current, SSEFramer(), rewriter, writer)
+                if continuation is None or writer.gone:
+                    break
+                # Pings keep the client's connection alive while injected tools run.
+                following = await continuation.next_response(rewriter)
+                if following is None:
+                    break
+                await writer.write(tail)
+                tail = b""
+                if isinstance(following, bytes):
+                    tail = following
+                    break
+                if current is not resp:
+                    current.release()
+                current = following
         except UPSTREAM_ERRORS as exc:
             if not writer.gone:
                 detail = _describe(exc)
@@ -194,6 +254,8 @@ class Interception:
             self.outcome.fail("upstream_frame_too_large", str(exc))
             await writer.write(anthropic_error_event(str(exc)))
         finally:
+            if current is not resp:
+                current.release()
             writer.stop_pinger()
             left.cancel()
             for record in rewriter.finish():
@@ -241,11 +303,21 @@ class Interception:
         return tail
 
 
+class Continuation(Protocol):
+    """Continues a stream whose turn ended in injected tool calls (see ``tool_loop``)."""
+
+    async def next_response(
+        self, rewriter: MessagesStream
+    ) -> aiohttp.ClientResponse | bytes | None:
+        """The next upstream response; bytes (an error event) to end; None when final."""
+        ...
+
+
 class _OnClientLeft:
     """What happens to the upstream when the client disconnects: drain (bounded) or cancel."""
 
     def __init__(self, resp: aiohttp.ClientResponse, options: RelayOptions) -> None:
-        self._resp = resp
+        self.resp = resp
         self._options = options
         self._timer: asyncio.TimerHandle | None = None
         self.timed_out = False
@@ -253,7 +325,7 @@ class _OnClientLeft:
     def __call__(self) -> None:
         if self._options.on_client_disconnect == "cancel":
             # Closing the upstream connection is what stops generation (and billing).
-            self._resp.close()
+            self.resp.close()
             return
         self._timer = asyncio.get_running_loop().call_later(
             self._options.disconnect_drain_timeout, self._expire
@@ -261,7 +333,7 @@ class _OnClientLeft:
 
     def _expire(self) -> None:
         self.timed_out = True
-        self._resp.close()
+        self.resp.close()
 
     def cancel(self) -> None:
         if self._timer is not None:

@@ -1,0 +1,75 @@
+"""Injected MCP tools run server-side inside one client request (real MCP server, real SDK)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import anthropic
+import orjson
+import pytest
+
+from gateway.testing import Reply, load_txtar
+from tests.conftest import FIXTURES, GATEWAY_KEY, Gateway, GatewayFactory, by_kind
+from tests.mcp_server import McpTestServer, running_mcp_server
+
+ADD = load_txtar(FIXTURES / "anthropic" / "injected_add.txtar")
+REQUEST: dict[str, Any] = orjson.loads(ADD["request"])
+
+
+async def start(make_gateway: GatewayFactory, mcp_url: str, **mcp: Any) -> Gateway:
+    return await make_gateway(mcp_servers=[{"id": "tools", "url": mcp_url, **mcp}])
+
+
+@pytest.mark.parametrize("streaming", [True, False])
+async def test_injected_tool_runs_and_client_sees_one_message(
+    make_gateway: GatewayFactory, streaming: bool
+) -> None:
+    async with running_mcp_server(McpTestServer()) as url:
+        gw = await start(make_gateway, url)
+        first, second = (
+            ("streaming", "streaming/tool-call")
+            if streaming
+            else (
+                "non-streaming",
+                "non-streaming/tool-call",
+            )
+        )
+        gw.upstream.enqueue(Reply.from_section(ADD[first]), Reply.from_section(ADD[second]))
+        client = anthropic.AsyncAnthropic(base_url=gw.url, api_key=GATEWAY_KEY, max_retries=0)
+        if streaming:
+            async with client.messages.stream(**REQUEST) as stream:
+                message = await stream.get_final_message()
+        else:
+            message = await client.messages.create(**REQUEST)
+
+    # The client sees text only: the injected tool_use and its turn are hidden.
+    assert [b.type for b in message.content] == ["text", "text"] if streaming else ["text"]
+    assert message.content[-1].type == "text" and message.content[-1].text == "2 + 3 = 5."
+    assert message.stop_reason == "end_turn"
+    assert message.usage.output_tokens == 52 + 9
+    if not streaming:
+        assert message.usage.input_tokens == 610 + 690
+
+    # The provider got the tool result in the continuation.
+    assert len(gw.upstream.requests) == 2
+    first_body = orjson.loads(gw.upstream.requests[0].body)
+    assert first_body["tools"][0]["name"] == "bmcp_tools_add"
+    assert first_body["tool_choice"] == {"type": "auto", "disable_parallel_tool_use": True}
+    follow = orjson.loads(gw.upstream.requests[1].body)
+    assistant, user = follow["messages"][-2:]
+    assert assistant["role"] == "assistant"
+    assert [b["type"] for b in assistant["content"]] == ["text", "tool_use"]
+    assert user["content"][0]["type"] == "tool_result"
+    assert user["content"][0]["content"] == [{"type": "text", "text": "5"}]
+    assert user["content"][0]["is_error"] is False
+
+    records = await gw.records()
+    [tool] = by_kind(records, "tool_usage")
+    assert (tool["tool"], tool["injected"], tool["server_url"]) == ("add", True, url)
+    assert orjson.loads(tool["args"]) == {"a": 2, "b": 3}
+    assert tool["invocation_error"] == ""
+    tokens = by_kind(records, "token_usage")
+    assert sum(t["input"] for t in tokens) == 610 + 690
+    assert sum(t["output"] for t in tokens) == 52 + 9
+    [ended] = by_kind(records, "interception_ended")
+    assert ended["status"] == "completed"
