@@ -14,7 +14,8 @@ import orjson
 import pytest
 
 from gateway.testing import Reply, load_txtar
-from tests.conftest import GATEWAY_KEY, SHARED_FIXTURES, Gateway, by_kind
+from tests.conftest import GATEWAY_KEY, SHARED_FIXTURES, Gateway, GatewayFactory, by_kind
+from tests.mcp_server import McpTestServer, running_mcp_server
 from tests.sdk import assert_records_match, final_message
 
 FOLDER = SHARED_FIXTURES / "anthropic"
@@ -93,3 +94,79 @@ def _message_ids(raw: bytes) -> list[str]:
         ids.append(raw[start + 6 : end].decode())
         start = raw.find(marker, end)
     return ids
+
+
+INJECTED = FOLDER / "single_injected_tool.txtar"
+
+
+def coder_list_workspaces(owner: str) -> str:
+    """List the workspaces of a user (a stand-in for the Coder MCP server's tool)."""
+    return f"workspaces of {owner}: bob (dd711d5c-83c6-4c08-a0af-b73055906e8c)"
+
+
+@pytest.mark.skipif(not INJECTED.is_file(), reason=f"{INJECTED} is absent")
+@pytest.mark.parametrize("streaming", [True, False], ids=["streaming", "non-streaming"])
+async def test_recorded_injected_tool_round_trip(
+    make_gateway: GatewayFactory, streaming: bool
+) -> None:
+    """The recorded two-turn exchange, with a real MCP server exposing the recorded tool."""
+    fx = load_txtar(INJECTED)
+    first, second = (
+        ("streaming", "streaming/tool-call")
+        if streaming
+        else ("non-streaming", "non-streaming/tool-call")
+    )
+    server = McpTestServer("coder")
+    server.add_tool(coder_list_workspaces)
+    async with running_mcp_server(server) as url:
+        gw = await make_gateway(mcp_servers=[{"id": "coder", "url": url}])
+        gw.upstream.enqueue(Reply.from_section(fx[first]), Reply.from_section(fx[second]))
+        body = orjson.loads(fx["request"])
+        mode = "async_stream_helper" if streaming else "async_blocking"
+        message = await final_message(gw.url, GATEWAY_KEY, mode, body)
+
+    answer = _final_text(fx[second], streaming)
+    assert [b.type for b in message.content][-1] == "text"
+    assert message.content[-1].text == answer  # type: ignore[union-attr]
+    assert not any(b.type == "tool_use" for b in message.content)
+    follow = orjson.loads(gw.upstream.requests[1].body)
+    result = follow["messages"][-1]["content"][0]
+    assert result["type"] == "tool_result"
+    assert "workspaces of admin" in result["content"][0]["text"]
+
+    records = await gw.records()
+    [tool] = by_kind(records, "tool_usage")
+    assert (tool["tool"], tool["injected"]) == ("coder_list_workspaces", True)
+    assert orjson.loads(tool["args"]) == {"owner": "admin"}
+    tokens = by_kind(records, "token_usage")
+    assert len(tokens) == 2
+    expected_in = sum(_usage(fx[s], streaming)[0] for s in (first, second))
+    expected_out = sum(_usage(fx[s], streaming)[1] for s in (first, second))
+    assert sum(t["input"] for t in tokens) == expected_in  # 7545 + 7763 = 15308
+    # Cumulative message_delta usage taken once per message (the reference reports 204 here).
+    assert sum(t["output"] for t in tokens) == expected_out
+    assert message.usage.output_tokens == expected_out
+    if not streaming:
+        assert message.usage.input_tokens == expected_in
+
+
+def _usage(section: str, streaming: bool) -> tuple[int, int]:
+    """(input, final output) tokens of one recorded reply, read from the reply itself."""
+    if not streaming:
+        usage = orjson.loads(section)["usage"]
+        return usage["input_tokens"], usage["output_tokens"]
+    frames = [orjson.loads(line[6:]) for line in section.splitlines() if line.startswith("data: ")]
+    start = next(f for f in frames if f["type"] == "message_start")
+    delta = [f for f in frames if f["type"] == "message_delta"][-1]
+    return start["message"]["usage"]["input_tokens"], delta["usage"]["output_tokens"]
+
+
+def _final_text(section: str, streaming: bool) -> str:
+    if not streaming:
+        return str(orjson.loads(section)["content"][-1]["text"])
+    frames = [orjson.loads(line[6:]) for line in section.splitlines() if line.startswith("data: ")]
+    return "".join(
+        f["delta"]["text"]
+        for f in frames
+        if f["type"] == "content_block_delta" and f["delta"]["type"] == "text_delta"
+    )
