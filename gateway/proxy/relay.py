@@ -180,6 +180,8 @@ class Interception:
                     self.sink.submit(record)
                 if result.error:
                     self.outcome.fail("invalid_upstream_response", result.error)
+                if loop is not None:
+                    loop.record_skipped(result.skipped_calls)
                 if loop is None or body is None or not result.tool_calls:
                     break
                 if turns.turns >= loop.max_iterations:

@@ -23,6 +23,8 @@ class BlockingResult:
     error: str = ""
     tool_calls: list[ToolCall] = field(default_factory=list)
     assistant: dict[str, Any] | None = None
+    # Injected calls of a final turn that also called client tools: not run.
+    skipped_calls: list[ToolCall] = field(default_factory=list)
 
 
 class BlockingTurns:
@@ -67,10 +69,11 @@ class BlockingTurns:
         self._totals = self._totals.plus(usage)
         content = message.get("content")
         content = content if isinstance(content, list) else []
-        calls = self._content_records(content, msg_id, records)
-        if calls:
+        calls, client_tool = self._content_records(content, msg_id, records)
+        if calls and not client_tool:
             return BlockingResult(body, records, tool_calls=calls, assistant=_assistant(content))
-        return BlockingResult(self._client_body(body, message, msg_id, content), records)
+        client_body = self._client_body(body, message, msg_id, content)
+        return BlockingResult(client_body, records, skipped_calls=calls)
 
     def _client_body(
         self, body: bytes, message: dict[str, Any], msg_id: str, content: list[Any]
@@ -94,8 +97,12 @@ class BlockingTurns:
 
     def _content_records(
         self, content: list[Any], msg_id: str, records: list[Record]
-    ) -> list[ToolCall]:
-        """Append thoughts and client tool calls to ``records``; return the injected calls."""
+    ) -> tuple[list[ToolCall], bool]:
+        """Append thoughts and client tool calls to ``records``.
+
+        Returns the injected calls and whether client tools were called too (then the turn goes
+        back to the client, which must answer first).
+        """
         injected: list[ToolCall] = []
         client_tool = False
         for block in content:
@@ -125,8 +132,7 @@ class BlockingTurns:
                         args=orjson.dumps(args if args is not None else {}).decode(),
                     )
                 )
-        # A turn that also calls client tools goes back to the client, which must answer first.
-        return [] if client_tool else injected
+        return injected, client_tool
 
     def _is_injected_call(self, block: Any) -> bool:
         return (
