@@ -9,7 +9,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import random
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol
 
@@ -21,10 +21,10 @@ from gateway.intercept.errors import anthropic_error_body, anthropic_error_event
 from gateway.intercept.messages.blocking import BlockingTurns
 from gateway.intercept.messages.stream import MessagesStream
 from gateway.ports import UsageSink
+from gateway.proxy.client_writer import CLIENT_GONE, ClientWriter, OnClientLeft
 from gateway.records import EndStatus, InterceptionEnded
 from gateway.retry import retry_delay, should_retry
 from gateway.sse import FrameTooLarge, SSEFramer
-from gateway.sse.keepalive import ANTHROPIC_PING
 
 if TYPE_CHECKING:
     from gateway.proxy.tool_loop import ToolLoop
@@ -33,7 +33,6 @@ log = logging.getLogger("aibridged.relay")
 
 # Raised by aiohttp when the upstream connection breaks before or during the response.
 UPSTREAM_ERRORS = (aiohttp.ClientError, asyncio.TimeoutError, OSError)
-CLIENT_GONE = (ConnectionResetError, aiohttp.ClientConnectionResetError)
 
 
 @dataclass(frozen=True, slots=True)
@@ -219,8 +218,10 @@ class Interception:
         headers["Cache-Control"] = "no-cache"
         headers["X-Accel-Buffering"] = "no"
         out = web.StreamResponse(status=200, headers=headers)
-        left = _OnClientLeft(resp, self.options)
-        writer = _ClientWriter(out, self.options.ping_interval, left)
+        left = OnClientLeft(
+            resp, self.options.on_client_disconnect, self.options.disconnect_drain_timeout
+        )
+        writer = ClientWriter(out, self.options.ping_interval, left)
         try:
             await out.prepare(request)
         except CLIENT_GONE:
@@ -279,12 +280,12 @@ class Interception:
         resp: aiohttp.ClientResponse,
         framer: SSEFramer,
         rewriter: MessagesStream,
-        writer: _ClientWriter,
+        writer: ClientWriter,
     ) -> bytes:
         """Relay the stream; return the tail held back from the client (see ``complete``).
 
         Once the client is gone, writes become no-ops and the loop keeps reading so the final
-        usage is recorded; _OnClientLeft bounds that drain (or cancels at once).
+        usage is recorded; OnClientLeft bounds that drain (or cancels at once).
         """
         tail = b""
         async for chunk in resp.content.iter_any():
@@ -313,98 +314,6 @@ class Continuation(Protocol):
     ) -> aiohttp.ClientResponse | bytes | None:
         """The next upstream response; bytes (an error event) to end; None when final."""
         ...
-
-
-class _OnClientLeft:
-    """What happens to the upstream when the client disconnects: drain (bounded) or cancel."""
-
-    def __init__(self, resp: aiohttp.ClientResponse, options: RelayOptions) -> None:
-        self.resp = resp
-        self._options = options
-        self._timer: asyncio.TimerHandle | None = None
-        self.timed_out = False
-
-    def __call__(self) -> None:
-        if self._options.on_client_disconnect == "cancel":
-            # Closing the upstream connection is what stops generation (and billing).
-            self.resp.close()
-            return
-        self._timer = asyncio.get_running_loop().call_later(
-            self._options.disconnect_drain_timeout, self._expire
-        )
-
-    def _expire(self) -> None:
-        self.timed_out = True
-        self.resp.close()
-
-    def cancel(self) -> None:
-        if self._timer is not None:
-            self._timer.cancel()
-
-
-class _ClientWriter:
-    """Writes to the client, sends pings after silence, and notices when the client is gone."""
-
-    def __init__(
-        self, out: web.StreamResponse, ping_interval: float, on_gone: Callable[[], None]
-    ) -> None:
-        self.out = out
-        self.gone = False
-        self.closed = False
-        self._on_gone = on_gone
-        self._interval = ping_interval
-        self._loop = asyncio.get_running_loop()
-        self._last_write = self._loop.time()
-        self._timer: asyncio.TimerHandle | None = None
-        self._ping_task: asyncio.Task[None] | None = None
-
-    async def write(self, data: bytes) -> None:
-        if self.gone or self.closed or not data:
-            return
-        try:
-            await self.out.write(data)
-        except CLIENT_GONE:
-            self.mark_gone()
-            return
-        self._last_write = self._loop.time()
-
-    async def close(self, data: bytes) -> None:
-        """Send ``data`` and the end of the body together; later writes are dropped."""
-        if self.gone or self.closed:
-            return
-        self.closed = True
-        self.stop_pinger()
-        try:
-            await self.out.write_eof(data)
-        except CLIENT_GONE:
-            self.mark_gone()
-
-    def mark_gone(self) -> None:
-        if not self.gone:
-            self.gone = True
-            self._on_gone()
-
-    def start_pinger(self) -> None:
-        # A timer, not a task per stream: it fires once per interval and only writes when the
-        # stream has been silent that long (the relay just stamps _last_write).
-        self._timer = self._loop.call_later(self._interval, self._check_idle)
-
-    def stop_pinger(self) -> None:
-        if self._timer is not None:
-            self._timer.cancel()
-            self._timer = None
-        if self._ping_task is not None:
-            self._ping_task.cancel()
-            self._ping_task = None
-
-    def _check_idle(self) -> None:
-        if self.gone or self.closed:
-            return
-        idle = self._loop.time() - self._last_write
-        if idle >= self._interval and (self._ping_task is None or self._ping_task.done()):
-            self._ping_task = self._loop.create_task(self.write(ANTHROPIC_PING))
-            idle = 0.0
-        self._timer = self._loop.call_later(self._interval - idle, self._check_idle)
 
 
 def _relayed(resp: aiohttp.ClientResponse) -> CIMultiDict[str]:
