@@ -7,7 +7,10 @@ Throughput runs in rounds, each target once per round in rotating order; per-rou
 reported as median [min-max]. TTFB at concurrency 1 interleaves the targets request by request.
 
 A last phase measures, in-process, how fast ``StreamUsage`` delivers spooled records to a gRPC
-client for several ``max_batch`` sizes (``--skip-usage-stream`` skips it).
+client for several ``max_batch`` sizes (``--skip-usage-stream`` skips it). Another measures, also
+in-process, the latency the injected-tool (agentic) loop adds over the MCP call itself: a real MCP
+server, a fake provider scripted for the two-turn ``injected_add`` exchange, and the gateway all
+run in this process's event loop (``--skip-loop`` skips it).
 
     .venv/bin/python tests/benchmark.py [--quick] [--rounds R] [--duration D] [--json PATH]
 """
@@ -43,6 +46,8 @@ from control.servicer import ControlServicer
 from control.spool import Spool
 from control.v1 import control_pb2 as pb
 from control.v1 import control_pb2_grpc
+from gateway.config import load_settings
+from gateway.daemon import Daemon
 from gateway.records import (
     InterceptionEnded,
     InterceptionStarted,
@@ -50,8 +55,10 @@ from gateway.records import (
     Record,
     TokenUsage,
 )
-from gateway.state import Snapshot, StateHolder
-from gateway.testing import Reply, load_txtar, split_events
+from gateway.state import McpServer, Snapshot, StateHolder
+from gateway.testing import FakeUpstream, Reply, load_txtar, split_events
+from gateway.tools.mcp_pool import McpPool
+from tests.mcp_server import McpTestServer, running_mcp_server
 
 if TYPE_CHECKING:
     from control.v1.control_pb2_grpc import ControlServiceAsyncStub
@@ -363,6 +370,155 @@ def run_usage_stream(quick: bool) -> dict[str, Any]:
     return figures
 
 
+# --- agentic loop overhead (in-process) -------------------------------------------------------
+
+LOOP_FIXTURE = ROOT / "tests" / "fixtures" / "anthropic" / "injected_add.txtar"
+LOOP_WARMUP = 10
+LOOP_ANSWER = b'"text":"5."'
+
+
+@dataclass
+class LoopTimings:
+    loop_ms: list[float] = field(default_factory=list)
+    direct_ms: list[float] = field(default_factory=list)
+    mcp_ms: list[float] = field(default_factory=list)
+
+
+async def read_stream(
+    session: aiohttp.ClientSession, url: str, body: bytes, headers: dict[str, str]
+) -> bytes:
+    """POST ``body``, read the response to the end; raise unless it is a complete SSE stream."""
+    async with session.post(url, data=body, headers=headers) as resp:
+        data = await resp.read()
+        if resp.status != 200:
+            raise RuntimeError(f"{url}: HTTP {resp.status}: {data[:300]!r}")
+    if not data.rstrip().endswith(END):
+        raise RuntimeError(f"{url}: incomplete stream ({len(data)} bytes): ...{data[-120:]!r}")
+    return data
+
+
+async def agentic_loop(n: int) -> dict[str, Any]:
+    """Interleave, ``n`` times: a looped request via the gateway, its two upstream streams
+    fetched directly back to back, and one MCP ``add`` call through a separate ``McpPool``."""
+    add = load_txtar(LOOP_FIXTURE)
+    turn1 = Reply.from_section(add["streaming"])
+    turn2 = Reply.from_section(add["streaming/tool-call"])
+    body = orjson.loads(add["request"])
+    body["stream"] = True
+    request = orjson.dumps(body)
+    headers = {"content-type": "application/json", "anthropic-version": "2023-06-01"}
+    timings = LoopTimings()
+    with tempfile.TemporaryDirectory(prefix="aibridged-bench-loop-") as tmp:
+        async with running_mcp_server(McpTestServer()) as mcp_url:
+            upstream = await FakeUpstream().start()
+            settings = load_settings(
+                None,
+                listen="127.0.0.1:0",
+                metrics_listen="127.0.0.1:0",
+                spool_path=Path(tmp) / "spool.db",
+                log_level="warning",
+                shutdown_grace=2.0,
+                providers=[
+                    {
+                        "name": "anthropic",
+                        "type": "anthropic",
+                        "base_url": upstream.url,
+                        "api_key": "sk-bench",
+                    }
+                ],
+                api_keys=[{"key": GATEWAY_KEY, "actor_id": "bench", "username": "bench"}],
+                mcp_servers=[{"id": "tools", "url": mcp_url}],
+            )
+            daemon = await Daemon.start(settings)
+            pool = McpPool()
+            pool.configure({"tools": McpServer(id="tools", url=mcp_url)}, {})
+            session = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=60))
+            try:
+                gateway_url = f"http://127.0.0.1:{daemon.port}/anthropic/v1/messages"
+                gateway_headers = {**headers, "x-api-key": GATEWAY_KEY}
+                direct_url = upstream.url + "/v1/messages"
+                direct_headers = {**headers, "x-api-key": "sk-bench"}
+
+                async def via_gateway() -> float:
+                    upstream.enqueue(turn1, turn2)
+                    before = len(upstream.requests)
+                    t0 = time.perf_counter()
+                    data = await read_stream(session, gateway_url, request, gateway_headers)
+                    elapsed = time.perf_counter() - t0
+                    if len(upstream.requests) - before != 2 or LOOP_ANSWER not in data:
+                        raise RuntimeError(f"the loop did not run: ...{data[-300:]!r}")
+                    if b"bmcp_tools_add" in data:
+                        raise RuntimeError("the injected tool_use leaked to the client")
+                    return elapsed
+
+                # One looped request captures the bodies the gateway sends upstream, so the
+                # direct baseline replays exactly those (tools injected, tool_result appended).
+                await via_gateway()
+                first, second = (r.body for r in upstream.requests[-2:])
+                if b'"tool_result"' not in second or b'"text":"5"' not in second:
+                    raise RuntimeError(f"no tool result in the continuation: {second[-300:]!r}")
+
+                async def direct_pair() -> float:
+                    upstream.enqueue(turn1, turn2)
+                    t0 = time.perf_counter()
+                    await read_stream(session, direct_url, first, direct_headers)
+                    await read_stream(session, direct_url, second, direct_headers)
+                    return time.perf_counter() - t0
+
+                async def mcp_call() -> float:
+                    t0 = time.perf_counter()
+                    result = await pool.call("bench", "tools", "add", {"a": 2, "b": 3})
+                    elapsed = time.perf_counter() - t0
+                    if result.is_error or result.content != [{"type": "text", "text": "5"}]:
+                        raise RuntimeError(f"unexpected MCP result: {result}")
+                    return elapsed
+
+                for i in range(LOOP_WARMUP + n):
+                    loop_s = await via_gateway()
+                    direct_s = await direct_pair()
+                    mcp_s = await mcp_call()
+                    if i >= LOOP_WARMUP:
+                        timings.loop_ms.append(loop_s * 1000)
+                        timings.direct_ms.append(direct_s * 1000)
+                        timings.mcp_ms.append(mcp_s * 1000)
+            finally:
+                await session.close()
+                await pool.close()
+                await daemon.stop()
+                await upstream.close()
+
+    def pcts(values: list[float]) -> dict[str, float]:
+        return {"p50_ms": percentile(values, 0.5), "p99_ms": percentile(values, 0.99)}
+
+    loop, direct, mcp = pcts(timings.loop_ms), pcts(timings.direct_ms), pcts(timings.mcp_ms)
+    return {
+        "mode": "in-process",
+        "requests": n,
+        "warmup_requests": LOOP_WARMUP,
+        "loop_request": loop,
+        "direct_two_streams": direct,
+        "mcp_call": mcp,
+        "loop_overhead_p50_ms": loop["p50_ms"] - direct["p50_ms"] - mcp["p50_ms"],
+    }
+
+
+def run_agentic_loop(quick: bool) -> dict[str, Any]:
+    n = 50 if quick else 200
+    figures: dict[str, Any] = uvloop.run(agentic_loop(n))
+    print(f"\nagentic loop overhead (in-process, {n} sequential requests, interleaved; ms)")
+    print(f"  {'':22}{'p50':>9}{'p99':>9}")
+    rows = (
+        ("loop request (total)", "loop_request"),
+        ("direct two streams", "direct_two_streams"),
+        ("MCP call (add)", "mcp_call"),
+    )
+    for label, key in rows:
+        print(f"  {label:22}{figures[key]['p50_ms']:9.3f}{figures[key]['p99_ms']:9.3f}")
+    overhead = figures["loop_overhead_p50_ms"]
+    print(f"  {'loop overhead':22}{overhead:9.3f}   (loop p50 - direct p50 - MCP p50)")
+    return figures
+
+
 # --- orchestration ----------------------------------------------------------------------------
 
 
@@ -525,6 +681,12 @@ def bench(args: argparse.Namespace, tmp: Path, procs: list[subprocess.Popen[byte
         print("gateway log tail:\n" + (tmp / "gateway.log").read_text()[-3000:])
     if not args.skip_usage_stream:
         figures["usage_stream"] = run_usage_stream(args.quick)
+    if not args.skip_loop:
+        try:
+            figures["agentic_loop"] = run_agentic_loop(args.quick)
+        except Exception as exc:
+            print(f"!!! agentic loop phase FAILED: {type(exc).__name__}: {exc}")
+            ok = False
     if args.json:
         Path(args.json).write_text(json.dumps(figures, indent=2) + "\n")
     return 0 if ok else 1
@@ -538,6 +700,9 @@ def main() -> int:
     parser.add_argument("--json", metavar="PATH", help="also write the figures as JSON")
     parser.add_argument(
         "--skip-usage-stream", action="store_true", help="skip the StreamUsage delivery phase"
+    )
+    parser.add_argument(
+        "--skip-loop", action="store_true", help="skip the agentic loop overhead phase"
     )
     parser.add_argument("--upstream", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--bare", metavar="UPSTREAM_URL", help=argparse.SUPPRESS)
