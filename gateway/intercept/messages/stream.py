@@ -142,23 +142,24 @@ class MessagesStream:
         """
         if self._acc is None or self._turn_client_tool or not self.message_stopped:
             return []
-        inputs = {b.get("id"): b.get("input") for b in self._acc.content()}
-        calls = []
-        for block in self._turn_calls:
-            args = inputs.get(block.tool_id)
-            calls.append(
-                ToolCall(
-                    block.tool_id, block.name, args if isinstance(args, dict) else {}, self._msg_id
-                )
-            )
-        return calls
+        return self._injected_calls()
 
     @property
     def skipped_calls(self) -> list[ToolCall]:
         """Injected calls of a final turn that also called client tools (never run)."""
         if self._acc is None or not self._turn_client_tool:
             return []
-        return [ToolCall(b.tool_id, b.name, {}, self._msg_id) for b in self._turn_calls]
+        return self._injected_calls()
+
+    def _injected_calls(self) -> list[ToolCall]:
+        assert self._acc is not None
+        inputs = {b.get("id"): b.get("input") for b in self._acc.content()}
+        calls = []
+        for block in self._turn_calls:
+            args = inputs.get(block.tool_id)
+            args = args if isinstance(args, dict) else {}
+            calls.append(ToolCall(block.tool_id, block.name, args, self._msg_id))
+        return calls
 
     def assistant_message(self) -> dict[str, Any]:
         """The turn that just ended, as the assistant message of the continuation request."""
