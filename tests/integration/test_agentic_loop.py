@@ -4,10 +4,12 @@ from __future__ import annotations
 
 from typing import Any
 
+import aiohttp
 import anthropic
 import orjson
 import pytest
 
+from gateway.sse.keepalive import ANTHROPIC_PING
 from gateway.testing import Reply, load_txtar
 from tests.conftest import FIXTURES, GATEWAY_KEY, Gateway, GatewayFactory, by_kind
 from tests.mcp_server import McpTestServer, running_mcp_server
@@ -73,3 +75,33 @@ async def test_injected_tool_runs_and_client_sees_one_message(
     assert sum(t["output"] for t in tokens) == 52 + 9
     [ended] = by_kind(records, "interception_ended")
     assert ended["status"] == "completed"
+
+
+async def test_pings_keep_the_stream_alive_while_a_tool_runs(make_gateway: GatewayFactory) -> None:
+    """A slow injected tool: the client keeps receiving pings until the answer continues."""
+    turn_one = (
+        ADD["streaming"]
+        .replace("bmcp_tools_add", "bmcp_tools_slow")
+        .replace('{\\"a\\": 2, ', '{\\"seconds\\": ')
+        .replace('\\"b\\": 3}', "0.8}")
+    )
+    async with running_mcp_server(McpTestServer()) as url:
+        gw = await make_gateway(mcp_servers=[{"id": "tools", "url": url}], ping_interval=0.15)
+        gw.upstream.enqueue(
+            Reply.from_section(turn_one), Reply.from_section(ADD["streaming/tool-call"])
+        )
+        async with (
+            aiohttp.ClientSession() as http,
+            http.post(
+                f"{gw.url}/v1/messages",
+                json=dict(REQUEST, stream=True),
+                headers={"x-api-key": GATEWAY_KEY},
+            ) as resp,
+        ):
+            received = await resp.read()
+    follow = orjson.loads(gw.upstream.requests[1].body)
+    assert "seconds" in follow["messages"][-2]["content"][1]["input"]
+    # The recorded streams carry one ping (turn two); the rest were sent while the tool ran.
+    assert received.count(ANTHROPIC_PING) >= 1 + 3
+    assert received.count(b"event: message_start") == 1
+    assert received.rstrip().endswith(b'"message_stop"}')
