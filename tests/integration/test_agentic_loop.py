@@ -48,9 +48,10 @@ async def test_injected_tool_runs_and_client_sees_one_message(
     assert [b.type for b in message.content] == ["text", "text"] if streaming else ["text"]
     assert message.content[-1].type == "text" and message.content[-1].text == "2 + 3 = 5."
     assert message.stop_reason == "end_turn"
+    # Usage of every turn, input included (the reference leaves the first turn's input).
     assert message.usage.output_tokens == 52 + 9
-    if not streaming:
-        assert message.usage.input_tokens == 610 + 690
+    assert message.usage.input_tokens == 610 + 690
+    assert message.usage.cache_read_input_tokens == 120 + 120
 
     # The provider got the tool result in the continuation.
     assert len(gw.upstream.requests) == 2
