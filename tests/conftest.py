@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
 from collections.abc import AsyncIterator, Callable, Coroutine
 from dataclasses import dataclass
@@ -141,6 +142,16 @@ async def make_gateway(
 async def gateway(make_gateway: GatewayFactory) -> Gateway:
     """A gateway with default test settings (one gateway key for alice, a central key)."""
     return await make_gateway()
+
+
+async def wait_for_end(gw: Gateway, within: float = 10.0) -> dict[str, Any]:
+    """The first ``interception_ended`` record, once the spool has it."""
+    async with asyncio.timeout(within):
+        while True:
+            ended = by_kind(await gw.records(), "interception_ended")
+            if ended:
+                return ended[0]
+            await asyncio.sleep(0.05)
 
 
 def by_kind(records: list[SpooledRecord], kind: str) -> list[dict[str, Any]]:

@@ -9,7 +9,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import random
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol
 
@@ -237,7 +237,7 @@ class Interception:
                 if continuation is None or writer.gone:
                     break
                 # Pings keep the client's connection alive while injected tools run.
-                following = await continuation.next_response(rewriter)
+                following = await continuation.next_response(rewriter, lambda: writer.gone)
                 if following is None:
                     break
                 await writer.write(tail)
@@ -256,6 +256,11 @@ class Interception:
         except FrameTooLarge as exc:
             self.outcome.fail("upstream_frame_too_large", str(exc))
             await writer.write(anthropic_error_event(str(exc)))
+        except Exception as exc:
+            # The stream has started: a gateway fault can only be reported in-stream.
+            log.exception("relay failed", extra={"interception_id": self.id})
+            self.outcome.fail("gateway_error", type(exc).__name__)
+            await writer.write(anthropic_error_event("internal gateway error"))
         finally:
             if current is not resp:
                 current.release()
@@ -294,7 +299,7 @@ class Interception:
                 data = rewriter.feed_all(frames)
                 for record in rewriter.take_records():
                     self.sink.submit(record)
-                if rewriter.message_stopped or tail:
+                if rewriter.stop_relayed or tail:
                     # message_stop ends an Anthropic stream: it goes out with the end of the
                     # body, once the interception's records are durable.
                     tail += data
@@ -310,7 +315,7 @@ class Continuation(Protocol):
     """Continues a stream whose turn ended in injected tool calls (see ``tool_loop``)."""
 
     async def next_response(
-        self, rewriter: MessagesStream
+        self, rewriter: MessagesStream, client_gone: Callable[[], bool]
     ) -> aiohttp.ClientResponse | bytes | None:
         """The next upstream response; bytes (an error event) to end; None when final."""
         ...

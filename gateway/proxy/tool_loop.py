@@ -11,7 +11,7 @@ import asyncio
 import logging
 import re
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any, Protocol
 
 import aiohttp
@@ -210,9 +210,13 @@ class StreamContinuation:
         self.outcome = outcome
 
     async def next_response(
-        self, rewriter: MessagesStream
+        self, rewriter: MessagesStream, client_gone: Callable[[], bool]
     ) -> aiohttp.ClientResponse | bytes | None:
-        """The next turn's upstream response; an error event to end the stream; None if final."""
+        """The next turn's upstream response; an error event to end the stream; None if final.
+
+        A client that left while the tools ran gets no further turn: nobody would read it, and
+        the turns so far are already recorded.
+        """
         calls = rewriter.tool_calls
         self.loop.record_skipped(rewriter.skipped_calls)
         if not calls:
@@ -220,6 +224,8 @@ class StreamContinuation:
         if rewriter.turn + 1 >= self.loop.max_iterations:
             return self._fail("tool_loop_limit", self.loop.limit_message())
         results = await self.loop.run(calls)
+        if client_gone():
+            return None
         payload = self.loop.continuation(self.body, rewriter.assistant_message(), results)
         rewriter.next_turn()
         try:

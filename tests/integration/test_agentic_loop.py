@@ -11,7 +11,7 @@ import pytest
 
 from gateway.sse.keepalive import ANTHROPIC_PING
 from gateway.testing import Reply, load_txtar
-from tests.conftest import FIXTURES, GATEWAY_KEY, Gateway, GatewayFactory, by_kind
+from tests.conftest import FIXTURES, GATEWAY_KEY, Gateway, GatewayFactory, by_kind, wait_for_end
 from tests.mcp_server import McpTestServer, running_mcp_server
 
 ADD = load_txtar(FIXTURES / "anthropic" / "injected_add.txtar")
@@ -78,14 +78,45 @@ async def test_injected_tool_runs_and_client_sees_one_message(
     assert ended["status"] == "completed"
 
 
-async def test_pings_keep_the_stream_alive_while_a_tool_runs(make_gateway: GatewayFactory) -> None:
-    """A slow injected tool: the client keeps receiving pings until the answer continues."""
-    turn_one = (
+def slow_turn(seconds: float) -> str:
+    """Turn one of injected_add, calling the MCP server's ``slow`` tool instead."""
+    return (
         ADD["streaming"]
         .replace("bmcp_tools_add", "bmcp_tools_slow")
         .replace('{\\"a\\": 2, ', '{\\"seconds\\": ')
-        .replace('\\"b\\": 3}', "0.8}")
+        .replace('\\"b\\": 3}', f"{seconds}}}")
     )
+
+
+async def test_client_leaving_while_a_tool_runs_gets_no_further_turn(
+    make_gateway: GatewayFactory,
+) -> None:
+    async with running_mcp_server(McpTestServer()) as url:
+        gw = await make_gateway(mcp_servers=[{"id": "tools", "url": url}], ping_interval=0.1)
+        gw.upstream.enqueue(
+            Reply.from_section(slow_turn(0.6)), Reply.from_section(ADD["streaming/tool-call"])
+        )
+        async with aiohttp.ClientSession() as http:
+            resp = await http.post(
+                f"{gw.url}/v1/messages",
+                json=dict(REQUEST, stream=True),
+                headers={"x-api-key": GATEWAY_KEY},
+            )
+            assert b"message_start" in await resp.content.readany()
+            resp.close()  # gone while the tool runs
+        ended = await wait_for_end(gw)
+    assert ended["status"] == "client_disconnected"
+    records = await gw.records()
+    assert len(gw.upstream.requests) == 1  # no turn nobody would read
+    [tool] = by_kind(records, "tool_usage")
+    assert tool["tool"] == "slow" and tool["injected"] is True
+    [tokens] = by_kind(records, "token_usage")
+    assert (tokens["input"], tokens["output"]) == (610, 52)
+
+
+async def test_pings_keep_the_stream_alive_while_a_tool_runs(make_gateway: GatewayFactory) -> None:
+    """A slow injected tool: the client keeps receiving pings until the answer continues."""
+    turn_one = slow_turn(0.8)
     async with running_mcp_server(McpTestServer()) as url:
         gw = await make_gateway(mcp_servers=[{"id": "tools", "url": url}], ping_interval=0.15)
         gw.upstream.enqueue(

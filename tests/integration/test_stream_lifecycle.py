@@ -9,20 +9,11 @@ import orjson
 
 from gateway.sse.keepalive import ANTHROPIC_PING
 from gateway.testing import Reply, load_txtar, split_events
-from tests.conftest import FIXTURES, GATEWAY_KEY, Gateway, GatewayFactory, by_kind
+from tests.conftest import FIXTURES, GATEWAY_KEY, Gateway, GatewayFactory, by_kind, wait_for_end
 
 TEXT = load_txtar(FIXTURES / "anthropic" / "text.txtar")
 REQUEST = dict(orjson.loads(TEXT["request"]), stream=True)
 FINAL_OUTPUT = orjson.loads(TEXT["non-streaming"])["usage"]["output_tokens"]
-
-
-async def wait_for_end(gw: Gateway, within: float = 10.0) -> dict[str, object]:
-    async with asyncio.timeout(within):
-        while True:
-            ended = by_kind(await gw.records(), "interception_ended")
-            if ended:
-                return ended[0]
-            await asyncio.sleep(0.05)
 
 
 async def read_whole_stream(gw: Gateway) -> bytes:

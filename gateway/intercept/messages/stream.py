@@ -77,6 +77,8 @@ class MessagesStream:
         self._open: dict[int, _Block] = {}
         self.error: StreamError | None = None
         self.message_stopped = False
+        # True once the client-visible message_stop has been produced (the stream's last event).
+        self.stop_relayed = False
         # Multi-turn state (only used with injected tools).
         self.turn = 0
         self._totals = MessageUsage()
@@ -223,6 +225,7 @@ class MessagesStream:
         self.message_stopped = True
         if self._acc is not None and self._turn_calls and not self._turn_client_tool:
             return b""
+        self.stop_relayed = True
         return frame.raw
 
     def _block_start(self, frame: Frame) -> bytes:
