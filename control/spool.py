@@ -215,12 +215,13 @@ class Spool:
         values = ",".join(["(?, ?, ?, ?, ?)"] * len(batch))
         with self._db:
             self._db.execute("BEGIN")
-            self._db.execute(
+            cursor = self._db.execute(
                 "INSERT INTO records (record_id, kind, interception_id, created_at, payload)"
                 f" VALUES {values}",
                 params,
             )
-        return int(self._db.execute("SELECT last_insert_rowid()").fetchone()[0])
+        # The rowid of the last row inserted: the batch's highest sequence number.
+        return int(cursor.lastrowid or 0)
 
     def _select(self, seq: int, limit: int) -> list[SpooledRecord]:
         assert self._db is not None
