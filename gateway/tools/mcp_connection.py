@@ -25,12 +25,6 @@ from contextlib import AsyncExitStack, contextmanager, suppress
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-import httpx2
-from mcp import Client, MCPError
-from mcp.client.session import IncomingMessage
-from mcp.client.streamable_http import streamable_http_client
-from mcp.client.subscriptions import ListenNotSupportedError
-from mcp_types import CONNECTION_CLOSED, INVALID_REQUEST, METHOD_NOT_FOUND, Implementation
 from prometheus_client import Counter
 
 from gateway import __version__
@@ -38,6 +32,11 @@ from gateway.metrics import REGISTRY
 from gateway.state import McpServer
 
 if TYPE_CHECKING:
+    # The mcp SDK (and httpx2) cost ~0.6 s and tens of MiB to import: a gateway without MCP
+    # servers never loads them; the first connection does.
+    from mcp import Client
+    from mcp.client.session import IncomingMessage
+
     from gateway.tools.mcp_pool import McpPool
 
 LOG = logging.getLogger(__name__)
@@ -45,7 +44,6 @@ LOG = logging.getLogger(__name__)
 MAX_LIST_PAGES = 100
 _BASE_BACKOFF = 0.5  # seconds before the first reconnect attempt (before jitter)
 CLOSE_GRACE = 10.0  # seconds close() waits for owner tasks before cancelling them
-_CLIENT_INFO = Implementation(name="aibridged", version=__version__)
 
 MCP_SERVER_UNAVAILABLE = Counter(
     "aibridged_mcp_server_unavailable_total",
@@ -93,6 +91,9 @@ def _describe(exc: BaseException, secret: str = "") -> str:
 
 def broken(exc: BaseException) -> bool:
     """Whether ``exc`` means the session is unusable (as opposed to one failed request)."""
+    from mcp import MCPError
+    from mcp_types import CONNECTION_CLOSED, INVALID_REQUEST
+
     if isinstance(exc, MCPError):
         return exc.code == CONNECTION_CLOSED or (
             exc.code == INVALID_REQUEST and "Session terminated" in str(exc)
@@ -205,6 +206,11 @@ class McpConnection:
 
     async def _own(self) -> None:
         """Owner task: enter the client, serve until stopped or idle, leave it (same task)."""
+        import httpx2
+        from mcp import Client
+        from mcp.client.streamable_http import streamable_http_client
+        from mcp_types import Implementation
+
         pool, sid = self._pool, self.server.id
         connected = False
         try:
@@ -222,7 +228,7 @@ class McpConnection:
                             streamable_http_client(self.server.url, http_client=http),
                             read_timeout_seconds=pool.connect_timeout,  # per call_tool overridden
                             message_handler=self._on_message,
-                            client_info=_CLIENT_INFO,
+                            client_info=Implementation(name="aibridged", version=__version__),
                             cache=None,  # the pool keeps its own TTL'd listing
                         )
                     )
@@ -286,6 +292,10 @@ class McpConnection:
         re-opened when it ends (events may have been missed, so the listing is dropped then
         too). Servers without it rely on the listing TTL.
         """
+        from mcp import MCPError
+        from mcp.client.subscriptions import ListenNotSupportedError
+        from mcp_types import METHOD_NOT_FOUND
+
         tools = client.server_capabilities.tools
         if tools is None or not tools.list_changed:
             return
