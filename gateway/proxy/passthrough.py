@@ -6,7 +6,7 @@ from aiohttp import web
 
 from gateway.auth import Authenticated, authenticate
 from gateway.proxy.handlers import Services, anthropic_error, read_body, resolve_provider
-from gateway.proxy.relay import UPSTREAM_ERRORS
+from gateway.proxy.relay import UPSTREAM_ERRORS, describe_upstream_error
 from gateway.proxy.upstream import join_url, relayed_response_headers, upstream_request_headers
 
 # Response headers that describe the body as relayed (no decompression happens on this path).
@@ -52,4 +52,5 @@ async def passthrough(services: Services, request: web.Request) -> web.StreamRes
             await out.write_eof()
             return out
     except UPSTREAM_ERRORS as exc:
-        return anthropic_error(502, f"upstream provider unreachable: {exc or type(exc).__name__}")
+        detail = describe_upstream_error(exc)
+        return anthropic_error(502, f"upstream provider unreachable: {detail}")

@@ -22,6 +22,7 @@ from gateway.intercept.messages.blocking import BlockingTurns
 from gateway.intercept.messages.stream import MessagesStream
 from gateway.ports import UsageSink
 from gateway.proxy.client_writer import CLIENT_GONE, ClientWriter, OnClientLeft
+from gateway.proxy.upstream import relayed_response_headers
 from gateway.records import EndStatus, InterceptionEnded
 from gateway.retry import retry_delay, should_retry
 from gateway.sse import FrameTooLarge, SSEFramer
@@ -144,7 +145,7 @@ class Interception:
 
     def unreachable(self, exc: BaseException) -> web.Response:
         """The upstream could not be reached: 502 in Anthropic's shape."""
-        detail = _describe(exc)
+        detail = describe_upstream_error(exc)
         self.outcome.fail("upstream_unreachable", detail)
         log.warning("upstream unreachable", extra={"interception_id": self.id, "error": detail})
         return _json(502, anthropic_error_body(502, f"upstream provider unreachable: {detail}"))
@@ -250,7 +251,7 @@ class Interception:
                 current = following
         except UPSTREAM_ERRORS as exc:
             if not writer.gone:
-                detail = _describe(exc)
+                detail = describe_upstream_error(exc)
                 self.outcome.fail("upstream_stream_broken", detail)
                 await writer.write(anthropic_error_event(f"upstream stream broken: {detail}"))
         except FrameTooLarge as exc:
@@ -322,8 +323,6 @@ class Continuation(Protocol):
 
 
 def _relayed(resp: aiohttp.ClientResponse) -> CIMultiDict[str]:
-    from gateway.proxy.upstream import relayed_response_headers
-
     return relayed_response_headers(resp.headers)
 
 
@@ -331,7 +330,8 @@ def _json(status: int, body: bytes) -> web.Response:
     return web.Response(status=status, body=body, content_type="application/json")
 
 
-def _describe(exc: BaseException) -> str:
+def describe_upstream_error(exc: BaseException) -> str:
+    """A short, client-safe description of an upstream I/O failure."""
     if isinstance(exc, asyncio.TimeoutError):
         return "timed out"
     text = str(exc) or type(exc).__name__

@@ -20,7 +20,7 @@ import orjson
 from gateway.intercept.errors import anthropic_error_event, parse_error_body
 from gateway.intercept.messages.stream import MessagesStream, ToolCall
 from gateway.ports import UsageSink
-from gateway.proxy.relay import UPSTREAM_ERRORS, Outcome
+from gateway.proxy.relay import UPSTREAM_ERRORS, Outcome, describe_upstream_error
 from gateway.records import ToolUsage
 from gateway.sse import encode
 from gateway.state import McpServer, Snapshot
@@ -231,7 +231,8 @@ class StreamContinuation:
         try:
             resp = await self.upstream.post_again(payload)
         except UPSTREAM_ERRORS as exc:
-            return self._fail("upstream_unreachable", f"upstream provider unreachable: {exc}")
+            detail = describe_upstream_error(exc)
+            return self._fail("upstream_unreachable", f"upstream provider unreachable: {detail}")
         if resp.status >= 400:
             body = await resp.read()
             resp.release()

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import re
-import socket
 from typing import TYPE_CHECKING, Any, cast
 
 import aiohttp
@@ -31,6 +30,7 @@ from tests.conftest import (
     metric_value,
 )
 from tests.mcp_server import FAIL_MESSAGE, McpTestServer, add, running_mcp_server
+from tests.processes import free_port
 
 if TYPE_CHECKING:
     from control.v1.control_pb2_grpc import ControlServiceAsyncStub, ControlServiceStub
@@ -192,13 +192,6 @@ def fixture_usage(fx: dict[str, str], *keys: str) -> tuple[int, int]:
 def tool_records(records: list[Any]) -> dict[str, dict[str, Any]]:
     """tool_usage records by tool_call_id (calls finish in any order)."""
     return {t["tool_call_id"]: t for t in by_kind(records, "tool_usage")}
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-    return port
 
 
 # -- 1. two injected calls in one turn ---------------------------------------------------------
