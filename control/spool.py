@@ -1,9 +1,15 @@
 """SQLite WAL spool: every record is written here first, in batches, off the event loop.
 
-``submit`` is synchronous and never blocks (it runs on the request path): records go to a bounded
-in-memory queue that one writer task drains into one transaction per batch on a single worker
-thread. The spool is the buffer between the data plane and the host, so nothing is delivered that
-was not first made durable here.
+``submit`` is synchronous and never blocks (it runs on the request path): it serialises the record
+and hands it to one writer thread that owns the database. The thread commits whatever has
+accumulated as one statement (one implicit transaction) per batch: immediately when someone waits
+in ``flush``, else after a short linger so an idle gateway still writes large batches. The spool
+is the buffer between the data plane and the host, so nothing is delivered that was not first
+made durable here.
+
+Why a dedicated thread and one statement per batch: every call into sqlite3 releases the GIL and
+must win it back from a busy event loop, which can take a whole switch interval. Fewer calls per
+batch keep the commit latency (and so the time a finished response waits for its records) low.
 """
 
 from __future__ import annotations
@@ -12,10 +18,10 @@ import asyncio
 import contextlib
 import logging
 import sqlite3
+import threading
 import time
 import uuid
-from collections.abc import Callable, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
@@ -27,8 +33,6 @@ from gateway.records import Record
 
 log = logging.getLogger("aibridged.spool")
 T = TypeVar("T")
-# (record_id, kind, interception_id, created_at, payload), serialised on submit.
-_Row = tuple[str, str, str, float, bytes]
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS records (
@@ -41,6 +45,15 @@ CREATE TABLE IF NOT EXISTS records (
 );
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
 """
+
+_INSERT = "INSERT INTO records (record_id, kind, interception_id, created_at, payload) VALUES "
+# (record_id, kind, interception_id, created_at, payload), serialised on submit.
+_Row = tuple[str, str, str, float, bytes]
+
+# Rows per statement at most (a backlog after a disk stall is written in several).
+_BATCH_MAX = 2000
+# How often the writer enforces the spool's bounds (max records, max age).
+_BOUNDS_EVERY = 5.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -55,6 +68,9 @@ class SpooledRecord:
     payload: dict[str, Any]
 
 
+_Job = tuple[Callable[..., Any], tuple[Any, ...], "asyncio.Future[Any]"]
+
+
 class Spool:
     """Durable, batched record store implementing the data plane's ``UsageSink``."""
 
@@ -62,7 +78,6 @@ class Spool:
         self,
         path: Path,
         *,
-        batch_max: int = 2000,
         linger: float = 0.02,
         queue_max: int = 100_000,
         max_records: int = 5_000_000,
@@ -75,32 +90,48 @@ class Spool:
         self.acked_through = 0
         self._max_records = max_records
         self._max_age = max_age
-        self._next_bounds_check = 0.0
-        self._written_event = asyncio.Event()
-        self._urgent = asyncio.Event()
-        self._acked_event = asyncio.Event()
-        self._batch_max = batch_max
+        self._queue_max = queue_max
         self._linger = linger
+        self._written_event = asyncio.Event()
+        self._acked_event = asyncio.Event()
         # Record ids are this run's random prefix plus a counter: unique across restarts, and
         # cheap (no entropy syscall per record).
         self._id_prefix = uuid.uuid4().hex[:16]
         self._next_id = 0
-        self._queue: asyncio.Queue[_Row] = asyncio.Queue(maxsize=queue_max)
-        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="spool")
-        self._db: sqlite3.Connection | None = None
-        self._writer: asyncio.Task[None] | None = None
+        # Loop side: counts and the flush waiters, (records submitted before, future) in order.
         self._submitted = 0
         self._written = 0
-        self._progress = asyncio.Event()
+        self._waiters: list[tuple[int, asyncio.Future[None]]] = []
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._thread: threading.Thread | None = None
+        self._db: sqlite3.Connection | None = None
+        # Shared with the writer thread, under _cond.
+        self._cond = threading.Condition(threading.Lock())
+        self._rows: list[_Row] = []
+        self._jobs: list[_Job] = []
+        self._urgent = False
+        self._idle = False
+        self._lingering = False
+        self._stopping = False
 
     async def start(self) -> None:
-        """Open (or recover) the database and start the writer task."""
-        self.epoch, self.high_watermark, self.acked_through = await self._run(self._open)
+        """Open (or recover) the database and start the writer thread."""
+        self._loop = asyncio.get_running_loop()
+        self.epoch, self.high_watermark, self.acked_through = await asyncio.to_thread(self._open)
         SPOOL_HIGH_WATERMARK.set(self.high_watermark)
-        self._writer = asyncio.create_task(self._write_loop(), name="spool-writer")
+        self._thread = threading.Thread(target=self._writer_main, name="spool-writer", daemon=True)
+        self._thread.start()
 
     def submit(self, record: Record) -> None:
         """Queue one record for the next batch; never blocks, never raises."""
+        if self._submitted - self._written >= self._queue_max:
+            self.dropped += 1
+            USAGE_RECORDS_DROPPED.labels("queue_full").inc()
+            log.error(
+                "usage spool queue full: record dropped (disk stalled?)",
+                extra={"dropped_total": self.dropped, "kind": record.kind},
+            )
+            return
         self._next_id += 1
         row = (
             f"{self._id_prefix}-{self._next_id}",
@@ -109,40 +140,41 @@ class Spool:
             _created(record),
             orjson.dumps(record),
         )
-        try:
-            self._queue.put_nowait(row)
-        except asyncio.QueueFull:
-            self.dropped += 1
-            USAGE_RECORDS_DROPPED.labels("queue_full").inc()
-            log.error(
-                "usage spool queue full: record dropped (disk stalled?)",
-                extra={"dropped_total": self.dropped, "kind": record.kind},
-            )
-            return
         self._submitted += 1
+        with self._cond:
+            self._rows.append(row)
+            if self._idle:
+                self._idle = False
+                self._cond.notify()
 
     async def flush(self) -> None:
         """Wait until every record submitted so far is committed to disk."""
-        # Someone is waiting: the writer commits now instead of lingering for more records.
-        self._urgent.set()
         target = self._submitted
-        while self._written < target:
-            if self._writer is None or self._writer.done():
-                raise RuntimeError("spool writer is not running")
-            self._progress.clear()
-            await self._progress.wait()
+        if self._written >= target:
+            return
+        if self._thread is None or not self._thread.is_alive() or self._loop is None:
+            raise RuntimeError("spool writer is not running")
+        future = self._loop.create_future()
+        self._waiters.append((target, future))
+        # Someone is waiting: the writer commits now instead of lingering for more records.
+        with self._cond:
+            self._urgent = True
+            if self._idle or self._lingering:
+                self._cond.notify()
+        await future
 
     async def close(self) -> None:
         """Flush what is queued, stop the writer and close the database."""
-        if self._writer is not None:
+        if self._thread is None:
+            return
+        if self._thread.is_alive():
             await self.flush()
-            self._writer.cancel()
-            await asyncio.gather(self._writer, return_exceptions=True)
-            self._writer = None
-        if self._db is not None:
-            await self._run(self._db.close)
-            self._db = None
-        self._executor.shutdown(wait=True)
+            await self._run(self._close_db)
+        with self._cond:
+            self._stopping = True
+            self._cond.notify()
+        self._thread.join(timeout=5.0)
+        self._thread = None
 
     async def read_after(self, seq: int, limit: int = 500) -> list[SpooledRecord]:
         """Records with a sequence number above ``seq``, oldest first."""
@@ -182,14 +214,103 @@ class Spool:
         """Records submitted but not yet committed."""
         return self._submitted - self._written
 
-    # -- worker-thread side -----------------------------------------------------------------
+    # -- loop side ----------------------------------------------------------------------------
 
     async def _run(self, fn: Callable[..., T], *args: Any) -> T:
-        return await asyncio.get_running_loop().run_in_executor(self._executor, fn, *args)
+        """Run ``fn(*args)`` on the writer thread (it owns the connection)."""
+        if self._thread is None or not self._thread.is_alive() or self._loop is None:
+            raise RuntimeError("spool writer is not running")
+        future: asyncio.Future[T] = self._loop.create_future()
+        with self._cond:
+            self._jobs.append((fn, args, future))
+            if self._idle or self._lingering:
+                self._cond.notify()
+        return await future
+
+    def _committed(self, count: int, high: int) -> None:
+        self._written += count
+        if high > self.high_watermark:
+            self.high_watermark = high
+            SPOOL_HIGH_WATERMARK.set(high)
+        waiters = self._waiters
+        done = 0
+        while done < len(waiters) and waiters[done][0] <= self._written:
+            future = waiters[done][1]
+            if not future.done():
+                future.set_result(None)
+            done += 1
+        if done:
+            del waiters[:done]
+        self._notify("_written_event")
+
+    def _trimmed(self, by_count: int, by_age: int) -> None:
+        for reason, count in (("spool_max_records", by_count), ("spool_max_age", by_age)):
+            if count:
+                self.dropped += count
+                USAGE_RECORDS_DROPPED.labels(reason).inc(count)
+                log.error(
+                    "usage spool over its bound: unacknowledged records DROPPED",
+                    extra={"reason": reason, "dropped": count, "dropped_total": self.dropped},
+                )
+
+    # -- writer thread ------------------------------------------------------------------------
+
+    def _writer_main(self) -> None:
+        cond = self._cond
+        next_bounds_check = 0.0
+        while True:
+            with cond:
+                while not (self._rows or self._jobs or self._stopping):
+                    self._idle = True
+                    cond.wait()
+                self._idle = False
+                if self._rows and not (self._jobs or self._urgent or self._stopping):
+                    # Linger briefly so a quiet gateway writes a few large transactions.
+                    self._lingering = True
+                    cond.wait(self._linger)
+                    self._lingering = False
+                rows = self._rows[:_BATCH_MAX]
+                del self._rows[:_BATCH_MAX]
+                jobs, self._jobs = self._jobs, []
+                # A backlog (after a stall) is written batch after batch, without lingering.
+                self._urgent = bool(self._rows)
+                if self._stopping and not rows and not jobs:
+                    return
+            if rows:
+                self._write(rows)
+                now = time.time()
+                if now >= next_bounds_check:
+                    next_bounds_check = now + _BOUNDS_EVERY
+                    self._post(self._trimmed, *self._trim(now))
+            for fn, args, future in jobs:
+                try:
+                    result = fn(*args)
+                except Exception as exc:  # delivered to the awaiting coroutine
+                    self._post(_fail, future, exc)
+                else:
+                    self._post(_resolve, future, result)
+
+    def _write(self, rows: list[_Row]) -> None:
+        try:
+            high = self._insert(rows)
+        except Exception:
+            log.exception("usage spool write failed; retrying the batch in 1s")
+            with self._cond:
+                self._rows[:0] = rows
+            time.sleep(1.0)
+            return
+        self._post(self._committed, len(rows), high)
+
+    def _post(self, fn: Callable[..., None], *args: Any) -> None:
+        assert self._loop is not None
+        # RuntimeError: the loop is closed, nobody is left to tell.
+        with contextlib.suppress(RuntimeError):
+            self._loop.call_soon_threadsafe(fn, *args)
 
     def _open(self) -> tuple[str, int, int]:
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        db = sqlite3.connect(self.path, isolation_level=None)
+        # Opened on a helper thread, then used only by the writer thread (never concurrently).
+        db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
         db.execute("PRAGMA journal_mode=WAL")
         db.execute("PRAGMA synchronous=NORMAL")
         db.executescript(_SCHEMA)
@@ -207,19 +328,16 @@ class Spool:
         acked = int(first) - 1 if first is not None else high
         return epoch, high, acked
 
-    def _insert(self, batch: Sequence[_Row]) -> int:
+    def _close_db(self) -> None:
+        if self._db is not None:
+            self._db.close()
+            self._db = None
+
+    def _insert(self, rows: list[_Row]) -> int:
         assert self._db is not None
-        # One multi-row statement per batch: sqlite3 releases the GIL once per statement step, and
-        # every release lets the I/O-bound event loop thread stall behind this one (convoy).
-        params = [value for row in batch for value in row]
-        values = ",".join(["(?, ?, ?, ?, ?)"] * len(batch))
-        with self._db:
-            self._db.execute("BEGIN")
-            cursor = self._db.execute(
-                "INSERT INTO records (record_id, kind, interception_id, created_at, payload)"
-                f" VALUES {values}",
-                params,
-            )
+        params = [value for row in rows for value in row]
+        # Autocommit: the single multi-row statement is its own transaction.
+        cursor = self._db.execute(_INSERT + ",".join(["(?,?,?,?,?)"] * len(rows)), params)
         # The rowid of the last row inserted: the batch's highest sequence number.
         return int(cursor.lastrowid or 0)
 
@@ -259,58 +377,15 @@ class Spool:
             ).rowcount
         return by_count, by_age
 
-    # -- loop side --------------------------------------------------------------------------
 
-    async def _write_loop(self) -> None:
-        queue = self._queue
-        while True:
-            batch = [await queue.get()]
-            # Linger briefly so a busy gateway writes a few large transactions, not many small ones.
-            if self._linger and not self._urgent.is_set():
-                with contextlib.suppress(TimeoutError):
-                    async with asyncio.timeout(self._linger):
-                        await self._urgent.wait()
-            self._urgent.clear()
-            while len(batch) < self._batch_max and not queue.empty():
-                batch.append(queue.get_nowait())
-            try:
-                high = await self._run(self._insert, batch)
-            except Exception:
-                log.exception("usage spool write failed; retrying the batch in 1s")
-                for row in batch:
-                    self._requeue(row)
-                await asyncio.sleep(1.0)
-                continue
-            self._written += len(batch)
-            self.high_watermark = high
-            SPOOL_HIGH_WATERMARK.set(high)
-            self._progress.set()
-            self._notify("_written_event")
-            await self._enforce_bounds()
+def _resolve(future: asyncio.Future[Any], result: Any) -> None:
+    if not future.done():
+        future.set_result(result)
 
-    async def _enforce_bounds(self) -> None:
-        now = time.time()
-        if now < self._next_bounds_check:
-            return
-        self._next_bounds_check = now + 5.0
-        by_count, by_age = await self._run(self._trim, now)
-        for reason, count in (("spool_max_records", by_count), ("spool_max_age", by_age)):
-            if count:
-                self.dropped += count
-                USAGE_RECORDS_DROPPED.labels(reason).inc(count)
-                log.error(
-                    "usage spool over its bound: unacknowledged records DROPPED",
-                    extra={"reason": reason, "dropped": count, "dropped_total": self.dropped},
-                )
 
-    def _requeue(self, row: _Row) -> None:
-        try:
-            self._queue.put_nowait(row)
-        except asyncio.QueueFull:
-            self.dropped += 1
-            self._written += 1
-            USAGE_RECORDS_DROPPED.labels("queue_full").inc()
-            log.error("usage spool queue full: record dropped", extra={"kind": row[1]})
+def _fail(future: asyncio.Future[Any], exc: BaseException) -> None:
+    if not future.done():
+        future.set_exception(exc)
 
 
 def _created(record: Record) -> float:

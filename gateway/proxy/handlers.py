@@ -101,13 +101,12 @@ def resolve_provider(services: Services, request: web.Request) -> Provider | web
 async def read_body(services: Services, request: web.Request) -> bytes | web.Response:
     """The request body, or a 413 when it exceeds the configured limit."""
     limit = services.max_body_bytes
-    too_large = anthropic_error(413, f"request body exceeds the gateway limit of {limit} bytes")
-    if request.content_length is not None and request.content_length > limit:
-        return too_large
-    try:
-        return await request.read()
-    except web.HTTPRequestEntityTooLarge:
-        return too_large
+    if request.content_length is None or request.content_length <= limit:
+        try:
+            return await request.read()
+        except web.HTTPRequestEntityTooLarge:
+            pass
+    return anthropic_error(413, f"request body exceeds the gateway limit of {limit} bytes")
 
 
 async def messages(services: Services, request: web.Request) -> web.StreamResponse:

@@ -295,17 +295,24 @@ class Interception:
         """
         tail = b""
         async for chunk in resp.content.iter_any():
-            frames = framer.feed(chunk)
-            if frames:
+            whole = framer.feed_whole(chunk)
+            if whole is not None:
+                if not whole[1]:
+                    continue
+                data = rewriter.feed_whole(*whole)
+            else:
+                frames = framer.feed(chunk)
+                if not frames:
+                    continue
                 data = rewriter.feed_all(frames)
-                for record in rewriter.take_records():
-                    self.sink.submit(record)
-                if rewriter.stop_relayed or tail:
-                    # message_stop ends an Anthropic stream: it goes out with the end of the
-                    # body, once the interception's records are durable.
-                    tail += data
-                elif data:
-                    await writer.write(data)
+            for record in rewriter.take_records():
+                self.sink.submit(record)
+            if rewriter.stop_relayed or tail:
+                # message_stop ends an Anthropic stream: it goes out with the end of the
+                # body, once the interception's records are durable.
+                tail += data
+            elif data:
+                await writer.write(data)
         last = framer.flush()
         if last is not None:
             tail += rewriter.feed(last)

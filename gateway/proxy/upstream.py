@@ -101,4 +101,7 @@ def make_session(connect_timeout: float, idle_timeout: float) -> aiohttp.ClientS
         timeout=timeout,
         auto_decompress=False,
         skip_auto_headers=("User-Agent", "Content-Type"),
+        # Provider cookies (load-balancer affinity, bot scores) belong to whoever made the call:
+        # a shared jar would replay one user's cookies on every other user's requests.
+        cookie_jar=aiohttp.DummyCookieJar(),
     )

@@ -58,9 +58,27 @@ class Frame:
     def data(self) -> bytes:
         """The ``data:`` lines joined with ``\\n`` (one leading space per line removed)."""
         if self._data is None:
+            raw = self._raw_data_line()
+            if raw is not None:
+                self._data = raw
+                return raw
             self._parse()
         assert self._data is not None
         return self._data
+
+    def _raw_data_line(self) -> bytes | None:
+        # Fast path for "event: name\ndata: payload\n\n" (one data line, LF endings): the
+        # payload is a slice, no line splitting.
+        raw = self.raw
+        if raw[:7] != b"event: ":
+            return None
+        start = raw.find(b"\ndata: ", 7) + 7
+        end = len(raw) - 2
+        if start < 7 or raw[end:] != b"\n\n" or raw.find(b"\n", start, end) >= 0:
+            return None
+        if raw.find(b"\r", 0, end) >= 0 or raw.find(b"\n", 7, start - 7) >= 0:
+            return None
+        return raw[start:end]
 
     @property
     def is_comment(self) -> bool:
@@ -118,6 +136,26 @@ class SSEFramer:
         if len(buf) > self._max:
             raise FrameTooLarge(f"SSE event larger than {self._max} bytes")
         return frames
+
+    def feed_whole(self, chunk: bytes) -> tuple[bytes, list[bytes]] | None:
+        """Fast path for the common chunk: whole frames delimited by a bare blank line.
+
+        When nothing is buffered and the stream has no carriage returns, return ``(region,
+        bodies)``: ``region`` is the run of complete frames at the start of ``chunk`` (exact
+        bytes) and ``bodies`` its frames without their ``\n\n`` delimiter, found with one split.
+        A trailing partial frame is buffered as ``feed`` would. ``None``: use ``feed``.
+        """
+        if self._buf or self._has_cr or b"\r" in chunk:
+            return None
+        bodies = chunk.split(b"\n\n")
+        rest = bodies.pop()
+        if not rest:
+            return chunk, bodies
+        if len(rest) > self._max:
+            raise FrameTooLarge(f"SSE event larger than {self._max} bytes")
+        self._buf += rest
+        self._scan = len(rest)
+        return chunk[: len(chunk) - len(rest)], bodies
 
     def flush(self) -> Frame | None:
         """Return what is left at end of stream (an unterminated last event), if anything."""

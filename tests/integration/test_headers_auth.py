@@ -428,6 +428,25 @@ async def test_response_headers_are_allow_listed(gateway: Gateway, stream: bool)
     assert h["Content-Type"].startswith(expected_type)
 
 
+async def test_provider_cookies_are_not_replayed_to_other_requests(
+    make_gateway: GatewayFactory, upstream: FakeUpstream
+) -> None:
+    """A provider cookie set on one user's call must never ride along on the next call."""
+    # A host name, not an IP: cookie jars refuse cookies from IP addresses.
+    base_url = upstream.url.replace("127.0.0.1", "localhost")
+    gw = await make_gateway(providers=[anthropic_provider(base_url)])
+    first = reply_for(False)
+    first.headers["Set-Cookie"] = "__cf_bm=alice-affinity; Path=/; HttpOnly"
+    gw.upstream.enqueue(first, reply_for(True))
+
+    for stream in (False, True):
+        status, _, out = await send(f"{gw.url}/v1/messages", simple_body(stream), hdrs=keyed())
+        assert status == 200, out
+
+    assert len(gw.upstream.requests) == 2
+    assert "Cookie" not in gw.upstream.requests[1].headers
+
+
 # -- passthrough routes ---------------------------------------------------------------------------
 
 MODELS = (

@@ -173,3 +173,69 @@ def test_frame_equality_and_hash() -> None:
     assert a == b
     assert hash(a) == hash(b)
     assert a != Frame(b"data: 2\n\n")
+
+
+def _frame_fast(data: bytes, cuts: list[int]) -> list[bytes]:
+    """Frame like the relay does: ``feed_whole`` when it applies, ``feed`` otherwise."""
+    framer = SSEFramer()
+    raws: list[bytes] = []
+    for chunk in _chunks(data, cuts):
+        whole = framer.feed_whole(chunk)
+        if whole is None:
+            raws.extend(f.raw for f in framer.feed(chunk))
+            continue
+        region, bodies = whole
+        assert region == b"".join(body + b"\n\n" for body in bodies)
+        raws.extend(body + b"\n\n" for body in bodies)
+    rest = framer.flush()
+    if rest is not None:
+        raws.append(rest.raw)
+    return raws
+
+
+@pytest.mark.parametrize(("name", "data"), STREAMS, ids=STREAM_IDS)
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(cuts=CUTS)
+def test_feed_whole_mixed_with_feed_frames_like_feed(
+    name: str, data: bytes, cuts: list[int]
+) -> None:
+    assert _frame_fast(data, cuts) == [f.raw for f in _frame_all(data, cuts)]
+
+
+def test_feed_whole_declines_carriage_returns_and_buffered_bytes() -> None:
+    framer = SSEFramer()
+    assert framer.feed_whole(b"event: ping\r\ndata: {}\r\n\r\n") is None
+    framer = SSEFramer()
+    assert framer.feed_whole(b"event: ping\ndata: {}\n\nevent: pi") == (
+        b"event: ping\ndata: {}\n\n",
+        [b"event: ping\ndata: {}"],
+    )
+    assert framer.pending == len(b"event: pi")
+    # Bytes are buffered: the rest of that frame must go through feed.
+    assert framer.feed_whole(b"ng\ndata: {}\n\n") is None
+    assert [f.raw for f in framer.feed(b"ng\ndata: {}\n\n")] == [b"event: ping\ndata: {}\n\n"]
+
+
+def test_feed_whole_partial_frame_over_limit() -> None:
+    framer = SSEFramer(max_frame_bytes=16)
+    with pytest.raises(FrameTooLarge):
+        framer.feed_whole(b"event: ping\n\n" + b"data: " + b"x" * 32)
+
+
+@pytest.mark.parametrize(
+    "raw",
+    [
+        b'event: message_start\ndata: {"a": 1}   \n\n',
+        b"event: x\ndata: one\ndata: two\n\n",
+        b"event: x\n: comment\ndata: one\n\n",
+        b"data: first\nevent: x\n\n",
+        b"event: x\ndata:no-space\n\n",
+        b"event: x\ndata: \n\n",
+    ],
+)
+def test_data_fast_path_agrees_with_the_line_parser(raw: bytes) -> None:
+    fast = Frame(raw)
+    slow = Frame(raw)
+    slow._parse()
+    assert fast.data == slow.data
+    assert fast.event == slow.event

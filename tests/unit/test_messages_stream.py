@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+from itertools import pairwise
 from typing import Any, cast
 
 import orjson
@@ -9,6 +11,8 @@ import pytest
 from anthropic._models import construct_type
 from anthropic.lib.streaming._messages import accumulate_event
 from anthropic.types import RawMessageStreamEvent
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from gateway.intercept.messages.stream import MessagesStream, StreamError
 from gateway.records import ModelThought, PromptUsage, Record, TokenUsage, ToolUsage
@@ -156,6 +160,74 @@ def test_crlf_stream_output_equals_input_except_id(name: str, data: bytes) -> No
     msg_id = _msg_id(frames)
     _, out, _ = _run(frames)
     assert out == crlf.replace(orjson.dumps(msg_id), orjson.dumps(IID))
+
+
+def _untimed(records: list[Record]) -> list[dict[str, Any]]:
+    return [{**dataclasses.asdict(r), "created_at": 0.0} for r in records]
+
+
+def _relay_chunks(
+    chunks: list[bytes], injected: Any = None
+) -> tuple[MessagesStream, bytes, list[Record]]:
+    """Feed chunks the way the relay does (whole-frame fast path, else frame by frame)."""
+    stream = MessagesStream(IID, PROMPT, injected)
+    framer = SSEFramer()
+    out = bytearray()
+    records: list[Record] = []
+    for chunk in chunks:
+        whole = framer.feed_whole(chunk)
+        if whole is not None:
+            out += stream.feed_whole(*whole)
+        else:
+            out += stream.feed_all(framer.feed(chunk))
+        records.extend(stream.take_records())
+    rest = framer.flush()
+    if rest is not None:
+        out += stream.feed(rest)
+    records.extend(stream.finish())
+    return stream, bytes(out), records
+
+
+@pytest.mark.parametrize(("name", "data"), STREAMS, ids=STREAM_IDS)
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(cuts=st.lists(st.integers(min_value=0, max_value=1 << 20), max_size=30))
+def test_whole_frame_fast_path_matches_frame_by_frame(
+    name: str, data: bytes, cuts: list[int]
+) -> None:
+    points = sorted({c % (len(data) + 1) for c in cuts})
+    bounds = [0, *points, len(data)]
+    chunks = [data[a:b] for a, b in pairwise(bounds)]
+    expected_stream, expected_out, expected_records = _run(_frames(data))
+    stream, out, records = _relay_chunks(chunks)
+    assert out == expected_out
+    assert _untimed(records) == _untimed(expected_records)
+    assert stream.message_stopped == expected_stream.message_stopped
+    assert stream.error == expected_stream.error
+    # Events one per chunk, as a provider sends them: same again.
+    _, out, records = _relay_chunks([f.raw for f in _frames(data)])
+    assert (out, _untimed(records)) == (expected_out, _untimed(expected_records))
+
+
+def test_fast_path_skips_nothing_it_must_see() -> None:
+    """Deltas of a thinking block are recorded even when they arrive in one chunk."""
+    chunk = b"".join(
+        [
+            b'event: message_start\ndata: {"type":"message_start","message":{"id":"msg_1",'
+            b'"usage":{"input_tokens":3,"output_tokens":1}}}\n\n',
+            b'event: content_block_start\ndata: {"type":"content_block_start","index":0,'
+            b'"content_block":{"type":"thinking","thinking":""}}\n\n',
+            b'event: content_block_delta\ndata: {"type":"content_block_delta","index":0,'
+            b'"delta":{"type":"thinking_delta","thinking":"hmm"}}\n\n',
+            b'event: content_block_stop\ndata: {"type":"content_block_stop","index":0}\n\n',
+            b'event: message_delta\ndata: {"type":"message_delta","delta":{},'
+            b'"usage":{"output_tokens":9}}\n\n',
+            b'event: message_stop\ndata: {"type":"message_stop"}\n\n',
+        ]
+    )
+    _, out, records = _relay_chunks([chunk])
+    assert out == chunk.replace(b'"msg_1"', orjson.dumps(IID))
+    assert [(t.msg_id, t.content) for t in _of(records, ModelThought)] == [("msg_1", "hmm")]
+    assert [(u.input, u.output) for u in _of(records, TokenUsage)] == [(3, 9)]
 
 
 # -- records against the SDK oracle -----------------------------------------------------------
