@@ -21,8 +21,10 @@ import sqlite3
 import threading
 import time
 import uuid
+from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
+from itertools import chain
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -47,6 +49,7 @@ CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
 """
 
 _INSERT = "INSERT INTO records (record_id, kind, interception_id, created_at, payload) VALUES "
+_INSERTS: dict[int, str] = {}
 # (record_id, kind, interception_id, created_at, payload), serialised on submit.
 _Row = tuple[str, str, str, float, bytes]
 
@@ -105,9 +108,10 @@ class Spool:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
         self._db: sqlite3.Connection | None = None
-        # Shared with the writer thread, under _cond.
+        # Shared with the writer thread: rows in a deque (thread-safe appends, no lock on the
+        # request path); the rest under _cond.
+        self._rows: deque[_Row] = deque()
         self._cond = threading.Condition(threading.Lock())
-        self._rows: list[_Row] = []
         self._jobs: list[_Job] = []
         self._urgent = False
         self._idle = False
@@ -141,10 +145,11 @@ class Spool:
             orjson.dumps(record),
         )
         self._submitted += 1
-        with self._cond:
-            self._rows.append(row)
-            if self._idle:
-                self._idle = False
+        self._rows.append(row)
+        # The writer marks itself idle before it last looks at the deque, so a row appended
+        # after that look always finds the flag set (no lost wake-up).
+        if self._idle:
+            with self._cond:
                 self._cond.notify()
 
     async def flush(self) -> None:
@@ -260,8 +265,8 @@ class Spool:
         next_bounds_check = 0.0
         while True:
             with cond:
+                self._idle = True
                 while not (self._rows or self._jobs or self._stopping):
-                    self._idle = True
                     cond.wait()
                 self._idle = False
                 if self._rows and not (self._jobs or self._urgent or self._stopping):
@@ -269,8 +274,7 @@ class Spool:
                     self._lingering = True
                     cond.wait(self._linger)
                     self._lingering = False
-                rows = self._rows[:_BATCH_MAX]
-                del self._rows[:_BATCH_MAX]
+                rows = _take(self._rows, _BATCH_MAX)
                 jobs, self._jobs = self._jobs, []
                 # A backlog (after a stall) is written batch after batch, without lingering.
                 self._urgent = bool(self._rows)
@@ -295,8 +299,7 @@ class Spool:
             high = self._insert(rows)
         except Exception:
             log.exception("usage spool write failed; retrying the batch in 1s")
-            with self._cond:
-                self._rows[:0] = rows
+            self._rows.extendleft(reversed(rows))
             time.sleep(1.0)
             return
         self._post(self._committed, len(rows), high)
@@ -335,9 +338,12 @@ class Spool:
 
     def _insert(self, rows: list[_Row]) -> int:
         assert self._db is not None
-        params = [value for row in rows for value in row]
+        sql = _INSERTS.get(len(rows))
+        if sql is None:
+            # Kept, so the statement cache finds it by a string whose hash is already known.
+            sql = _INSERTS[len(rows)] = _INSERT + ",".join(["(?,?,?,?,?)"] * len(rows))
         # Autocommit: the single multi-row statement is its own transaction.
-        cursor = self._db.execute(_INSERT + ",".join(["(?,?,?,?,?)"] * len(rows)), params)
+        cursor = self._db.execute(sql, list(chain.from_iterable(rows)))
         # The rowid of the last row inserted: the batch's highest sequence number.
         return int(cursor.lastrowid or 0)
 
@@ -376,6 +382,11 @@ class Spool:
                 (depth - self._max_records,),
             ).rowcount
         return by_count, by_age
+
+
+def _take(rows: deque[_Row], limit: int) -> list[_Row]:
+    popleft = rows.popleft
+    return [popleft() for _ in range(min(len(rows), limit))]
 
 
 def _resolve(future: asyncio.Future[Any], result: Any) -> None:

@@ -15,7 +15,7 @@ from gateway.ports import UsageSink
 from gateway.proxy.handlers import Services, anthropic_error, messages
 from gateway.proxy.passthrough import ANTHROPIC_PASSTHROUGH, passthrough
 from gateway.proxy.relay import RelayOptions
-from gateway.proxy.upstream import make_session
+from gateway.proxy.upstream import make_session, stripped_headers
 from gateway.state import StateHolder
 from gateway.tools.mcp_pool import McpPool
 
@@ -84,6 +84,7 @@ def build_app(
             disconnect_drain_timeout=settings.disconnect_drain_timeout,
         ),
         byok_header=settings.byok_header.lower(),
+        stripped_headers=stripped_headers(settings.byok_header),
         max_body_bytes=settings.max_body_bytes,
         mcp_pool=mcp_pool,
         small_model=re.compile(settings.small_model_pattern, re.IGNORECASE),

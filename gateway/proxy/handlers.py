@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import re
-import uuid
 from dataclasses import dataclass
 
 import aiohttp
@@ -22,7 +21,7 @@ from gateway.ports import UsageSink
 from gateway.proxy.relay import UPSTREAM_ERRORS, Interception, RelayOptions
 from gateway.proxy.tool_loop import StreamContinuation, ToolLoop
 from gateway.proxy.upstream import join_url, upstream_request_headers
-from gateway.records import InterceptionStarted
+from gateway.records import InterceptionStarted, new_interception_id
 from gateway.state import Provider, Snapshot, StateHolder
 from gateway.tools.mcp_pool import McpPool
 
@@ -38,6 +37,8 @@ class Services:
     session_ref: list[aiohttp.ClientSession]
     relay: RelayOptions
     byok_header: str
+    # Client request headers never forwarded upstream (the BYOK header included).
+    stripped_headers: frozenset[str]
     max_body_bytes: int
     mcp_pool: McpPool | None = None
     small_model: re.Pattern[str] = re.compile("haiku", re.IGNORECASE)
@@ -128,7 +129,7 @@ async def messages(services: Services, request: web.Request) -> web.StreamRespon
     except RequestError as exc:
         return anthropic_error(exc.status, exc.message)
 
-    interception_id = str(uuid.uuid4())
+    interception_id = new_interception_id()
     client = detect_client(request.headers)
     services.sink.submit(
         InterceptionStarted(
@@ -152,7 +153,7 @@ async def messages(services: Services, request: web.Request) -> web.StreamRespon
     headers = upstream_request_headers(
         request.headers,
         auth.credential,
-        extra_strip=(services.byok_header,),
+        services.stripped_headers,
         actor=auth.actor if provider.send_actor_headers else None,
     )
     icpt.target(

@@ -32,9 +32,7 @@ async def passthrough(services: Services, request: web.Request) -> web.StreamRes
     body = await read_body(services, request)
     if isinstance(body, web.Response):
         return body
-    headers = upstream_request_headers(
-        request.headers, auth.credential, extra_strip=(services.byok_header,)
-    )
+    headers = upstream_request_headers(request.headers, auth.credential, services.stripped_headers)
     path = request.path[len(provider.name) + 1 :]
     url = join_url(provider.base_url, path, request.query_string)
     try:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Mapping
 
 import aiohttp
 from multidict import CIMultiDict, CIMultiDictProxy
@@ -41,17 +41,25 @@ _RELAY_RESPONSE = frozenset(
 _RELAY_RESPONSE_PREFIXES = ("anthropic-ratelimit-", "x-ratelimit-")
 
 
+def stripped_headers(*extra: str) -> frozenset[str]:
+    """The request headers never forwarded upstream, plus ``extra`` (e.g. the BYOK header)."""
+    return _STRIP_REQUEST | {h.lower() for h in extra}
+
+
 def upstream_request_headers(
     client_headers: CIMultiDictProxy[str],
     credential: Credential,
-    extra_strip: Iterable[str] = (),
+    strip: frozenset[str] = _STRIP_REQUEST,
     actor: Actor | None = None,
 ) -> CIMultiDict[str]:
-    """Client headers minus hop-by-hop, cookies and auth, plus exactly one provider auth header."""
-    strip = set(_STRIP_REQUEST)
-    strip.update(h.lower() for h in extra_strip)
-    connection = client_headers.get("connection", "")
-    strip.update(token.strip().lower() for token in connection.split(",") if token.strip())
+    """Client headers minus ``strip`` (see ``stripped_headers``), hop-by-hop headers and every
+    client credential, plus exactly one provider auth header."""
+    connection = client_headers.get("connection")
+    if connection:
+        # Headers named in Connection are hop-by-hop too (RFC 9110 7.6.1).
+        named = {token.strip().lower() for token in connection.split(",")} - {""}
+        if not named <= strip:
+            strip = strip | named
     headers: CIMultiDict[str] = CIMultiDict()
     for name, value in client_headers.items():
         lowered = name.lower()

@@ -91,24 +91,15 @@ class MessagesStream:
         self._next_index = 0
         self._turn_calls: list[_Block] = []
         self._turn_client_tool = False
-        self._handlers = {
-            "message_start": self._message_start,
-            "message_delta": self._message_delta,
-            "message_stop": self._message_stop,
-            "content_block_start": self._block_start,
-            "content_block_delta": self._block_delta,
-            "content_block_stop": self._block_stop,
-            "error": self._error,
-        }
 
     # -- public API -------------------------------------------------------------------------
 
     def feed(self, frame: Frame) -> bytes:
         """Process one upstream frame; return what the client must receive for it."""
-        handler = self._handlers.get(frame.event)
+        handler = _HANDLERS.get(frame.event)
         if handler is None:
             return frame.raw
-        return handler(frame)
+        return handler(self, frame)
 
     def feed_all(self, frames: list[Frame]) -> bytes:
         """Process frames in order and return the client bytes for all of them, joined."""
@@ -258,7 +249,8 @@ class MessagesStream:
     def _message_stop(self, frame: Frame) -> bytes:
         if self._usage is not None:
             self._records.append(self._usage.record(self.interception_id, self._msg_id))
-            self._totals = self._totals.plus(self._usage)
+            if self._acc is not None:  # only a multi-turn message needs the running total
+                self._totals = self._totals.plus(self._usage)
             self._usage = None
         self.message_stopped = True
         if self._acc is not None and self._turn_calls and not self._turn_client_tool:
@@ -392,6 +384,17 @@ class MessagesStream:
         if not self._prompt_recorded and self._prompt is not None:
             self._records.append(PromptUsage(self.interception_id, msg_id, self._prompt))
             self._prompt_recorded = True
+
+
+_HANDLERS: dict[str, Callable[[MessagesStream, Frame], bytes]] = {
+    "message_start": MessagesStream._message_start,
+    "message_delta": MessagesStream._message_delta,
+    "message_stop": MessagesStream._message_stop,
+    "content_block_start": MessagesStream._block_start,
+    "content_block_delta": MessagesStream._block_delta,
+    "content_block_stop": MessagesStream._block_stop,
+    "error": MessagesStream._error,
+}
 
 
 def _loads(data: bytes) -> dict[str, Any] | None:
