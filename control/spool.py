@@ -17,6 +17,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
+import select
 import sqlite3
 import threading
 import time
@@ -108,21 +110,25 @@ class Spool:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
         self._db: sqlite3.Connection | None = None
-        # Shared with the writer thread: rows in a deque (thread-safe appends, no lock on the
-        # request path); the rest under _cond.
+        # Shared with the writer thread without a lock (deques are thread-safe; each flag has
+        # one writer per transition, see _writer_main). The thread sleeps on a pipe: waking it
+        # is one write, and only when a flag says it is asleep.
         self._rows: deque[_Row] = deque()
-        self._cond = threading.Condition(threading.Lock())
-        self._jobs: list[_Job] = []
+        self._jobs: deque[_Job] = deque()
         self._urgent = False
         self._idle = False
         self._lingering = False
         self._stopping = False
+        self._wake_fds: tuple[int, int] | None = None
 
     async def start(self) -> None:
         """Open (or recover) the database and start the writer thread."""
         self._loop = asyncio.get_running_loop()
         self.epoch, self.high_watermark, self.acked_through = await asyncio.to_thread(self._open)
         SPOOL_HIGH_WATERMARK.set(self.high_watermark)
+        self._wake_fds = os.pipe()
+        for fd in self._wake_fds:
+            os.set_blocking(fd, False)
         self._thread = threading.Thread(target=self._writer_main, name="spool-writer", daemon=True)
         self._thread.start()
 
@@ -149,8 +155,8 @@ class Spool:
         # The writer marks itself idle before it last looks at the deque, so a row appended
         # after that look always finds the flag set (no lost wake-up).
         if self._idle:
-            with self._cond:
-                self._cond.notify()
+            self._idle = False
+            self._wake()
 
     async def flush(self) -> None:
         """Wait until every record submitted so far is committed to disk."""
@@ -162,10 +168,9 @@ class Spool:
         future = self._loop.create_future()
         self._waiters.append((target, future))
         # Someone is waiting: the writer commits now instead of lingering for more records.
-        with self._cond:
-            self._urgent = True
-            if self._idle or self._lingering:
-                self._cond.notify()
+        self._urgent = True
+        if self._idle or self._lingering:
+            self._wake()
         await future
 
     async def close(self) -> None:
@@ -175,11 +180,14 @@ class Spool:
         if self._thread.is_alive():
             await self.flush()
             await self._run(self._close_db)
-        with self._cond:
-            self._stopping = True
-            self._cond.notify()
+        self._stopping = True
+        self._wake()
         self._thread.join(timeout=5.0)
         self._thread = None
+        if self._wake_fds is not None:
+            for fd in self._wake_fds:
+                os.close(fd)
+            self._wake_fds = None
 
     async def read_after(self, seq: int, limit: int = 500) -> list[SpooledRecord]:
         """Records with a sequence number above ``seq``, oldest first."""
@@ -226,11 +234,16 @@ class Spool:
         if self._thread is None or not self._thread.is_alive() or self._loop is None:
             raise RuntimeError("spool writer is not running")
         future: asyncio.Future[T] = self._loop.create_future()
-        with self._cond:
-            self._jobs.append((fn, args, future))
-            if self._idle or self._lingering:
-                self._cond.notify()
+        self._jobs.append((fn, args, future))
+        if self._idle or self._lingering:
+            self._wake()
         return await future
+
+    def _wake(self) -> None:
+        if self._wake_fds is not None:
+            # BlockingIOError: the pipe is full of wake-ups already.
+            with contextlib.suppress(BlockingIOError):
+                os.write(self._wake_fds[1], b"\0")
 
     def _committed(self, count: int, high: int) -> None:
         self._written += count
@@ -261,25 +274,33 @@ class Spool:
     # -- writer thread ------------------------------------------------------------------------
 
     def _writer_main(self) -> None:
-        cond = self._cond
+        assert self._wake_fds is not None
+        poller = select.poll()
+        poller.register(self._wake_fds[0], select.POLLIN)
         next_bounds_check = 0.0
+        # Each flag is published before the state it guards is checked (and the loop side
+        # changes that state before it reads the flag), so a wake-up is never lost; at worst
+        # one is spurious.
         while True:
-            with cond:
-                self._idle = True
-                while not (self._rows or self._jobs or self._stopping):
-                    cond.wait()
-                self._idle = False
-                if self._rows and not (self._jobs or self._urgent or self._stopping):
-                    # Linger briefly so a quiet gateway writes a few large transactions.
-                    self._lingering = True
-                    cond.wait(self._linger)
-                    self._lingering = False
-                rows = _take(self._rows, _BATCH_MAX)
-                jobs, self._jobs = self._jobs, []
-                # A backlog (after a stall) is written batch after batch, without lingering.
-                self._urgent = bool(self._rows)
-                if self._stopping and not rows and not jobs:
-                    return
+            self._idle = True
+            if not (self._rows or self._jobs or self._stopping):
+                self._sleep(poller, None)
+            self._idle = False
+            if self._rows and not (self._jobs or self._urgent or self._stopping):
+                # Linger briefly so a quiet gateway writes a few large transactions.
+                self._lingering = True
+                if not self._urgent:
+                    self._sleep(poller, self._linger)
+                self._lingering = False
+            # Cleared before the rows are taken: a flush for rows that miss this batch sets it
+            # again after appending them.
+            self._urgent = False
+            rows = _take(self._rows, _BATCH_MAX)
+            jobs = _take(self._jobs, len(self._jobs))
+            if self._rows:
+                self._urgent = True  # a backlog (after a stall): next batch at once
+            if self._stopping and not rows and not jobs:
+                return
             if rows:
                 self._write(rows)
                 now = time.time()
@@ -293,6 +314,12 @@ class Spool:
                     self._post(_fail, future, exc)
                 else:
                     self._post(_resolve, future, result)
+
+    def _sleep(self, poller: select.poll, timeout: float | None) -> None:
+        assert self._wake_fds is not None
+        poller.poll(None if timeout is None else timeout * 1000)
+        with contextlib.suppress(BlockingIOError):
+            os.read(self._wake_fds[0], 4096)
 
     def _write(self, rows: list[_Row]) -> None:
         try:
@@ -384,9 +411,9 @@ class Spool:
         return by_count, by_age
 
 
-def _take(rows: deque[_Row], limit: int) -> list[_Row]:
-    popleft = rows.popleft
-    return [popleft() for _ in range(min(len(rows), limit))]
+def _take(items: deque[T], limit: int) -> list[T]:
+    popleft = items.popleft
+    return [popleft() for _ in range(min(len(items), limit))]
 
 
 def _resolve(future: asyncio.Future[Any], result: Any) -> None:

@@ -8,6 +8,7 @@ client's own provider key is forwarded, and the actor is derived from its finger
 
 from __future__ import annotations
 
+import functools
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -80,7 +81,14 @@ def authenticate(
             f"provider {provider.name!r} has no central API key; "
             f"send your own provider key in the {byok_header} header",
         )
-    return Authenticated(key.actor, _credential(provider.api_key, "centralized"))
+    return Authenticated(key.actor, _central_credential(provider.api_key))
+
+
+@functools.lru_cache(maxsize=64)
+def _central_credential(api_key: str) -> Credential:
+    # Built once per provider key (masking it costs more than the rest of authentication).
+    # Only central keys are cached: the gateway holds them anyway, unlike users' own keys.
+    return _credential(api_key, "centralized")
 
 
 def _personal(api_key: str, bearer: str, provider: Provider) -> Authenticated | Refused:
@@ -89,7 +97,7 @@ def _personal(api_key: str, bearer: str, provider: Provider) -> Authenticated | 
     elif bearer:
         secret, credential = bearer, _credential("Bearer " + bearer, "byok")
     elif provider.api_key:
-        return Authenticated(Actor("local", "local"), _credential(provider.api_key, "centralized"))
+        return Authenticated(Actor("local", "local"), _central_credential(provider.api_key))
     else:
         return Refused(401, "missing API key: send your provider key in x-api-key")
     fingerprint = sha256_hex(secret)[:16]

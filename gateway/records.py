@@ -14,6 +14,10 @@ import time
 from dataclasses import dataclass, field
 from typing import Literal
 
+# Records are plain (not frozen) dataclasses: a frozen one pays an object.__setattr__ per field
+# at construction, several microseconds per request on the hot path. They are never mutated
+# after they are built.
+
 CredentialKind = Literal["centralized", "byok"]
 EndStatus = Literal["completed", "failed", "client_disconnected"]
 
@@ -32,7 +36,7 @@ def new_interception_id() -> str:
     return f"{h[:8]}-{h[8:12]}-{h[12:16]}-{h[16:20]}-{h[20:]}"
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class InterceptionStarted:
     """Written before the first upstream call of an interception."""
 
@@ -54,7 +58,7 @@ class InterceptionStarted:
     kind: Literal["interception_started"] = "interception_started"
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class InterceptionEnded:
     """Written once per started interception, on success, failure or client disconnect."""
 
@@ -67,7 +71,7 @@ class InterceptionEnded:
     kind: Literal["interception_ended"] = "interception_ended"
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class TokenUsage:
     """Token usage of one upstream message (final, cumulative values; never summed twice)."""
 
@@ -84,7 +88,7 @@ class TokenUsage:
     kind: Literal["token_usage"] = "token_usage"
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class PromptUsage:
     """The last user prompt of the request, once per interception."""
 
@@ -95,7 +99,7 @@ class PromptUsage:
     kind: Literal["prompt_usage"] = "prompt_usage"
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class ToolUsage:
     """A tool call the model made: a client tool relayed as-is, or an injected MCP tool run here."""
 
@@ -111,7 +115,7 @@ class ToolUsage:
     kind: Literal["tool_usage"] = "tool_usage"
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class ModelThought:
     """A reasoning text the model produced (Anthropic ``thinking`` blocks)."""
 

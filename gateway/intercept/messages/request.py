@@ -22,7 +22,7 @@ class RequestError(Exception):
         self.message = message
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)  # not frozen: built on every request (see gateway.records)
 class MessagesRequest:
     """A validated Messages request: the raw body plus what the gateway needs to know about it."""
 
