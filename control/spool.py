@@ -168,9 +168,11 @@ class Spool:
         future = self._loop.create_future()
         self._waiters.append((target, future))
         # Someone is waiting: the writer commits now instead of lingering for more records.
-        self._urgent = True
-        if self._idle or self._lingering:
-            self._wake()
+        # One wake-up per batch: later flushes find the flag already set.
+        if not self._urgent:
+            self._urgent = True
+            if self._idle or self._lingering:
+                self._wake()
         await future
 
     async def close(self) -> None:
@@ -278,18 +280,22 @@ class Spool:
         poller = select.poll()
         poller.register(self._wake_fds[0], select.POLLIN)
         next_bounds_check = 0.0
+        # Right after a batch the writer stays "warm": it lingers even with nothing queued, so
+        # a busy gateway's records never need a wake-up, only its flushes do.
+        warm = False
         # Each flag is published before the state it guards is checked (and the loop side
         # changes that state before it reads the flag), so a wake-up is never lost; at worst
         # one is spurious.
         while True:
-            self._idle = True
-            if not (self._rows or self._jobs or self._stopping):
-                self._sleep(poller, None)
-            self._idle = False
-            if self._rows and not (self._jobs or self._urgent or self._stopping):
+            if not warm:
+                self._idle = True
+                if not (self._rows or self._jobs or self._stopping):
+                    self._sleep(poller, None)
+                self._idle = False
+            if not (self._jobs or self._urgent or self._stopping):
                 # Linger briefly so a quiet gateway writes a few large transactions.
                 self._lingering = True
-                if not self._urgent:
+                if not (self._jobs or self._urgent or self._stopping):
                     self._sleep(poller, self._linger)
                 self._lingering = False
             # Cleared before the rows are taken: a flush for rows that miss this batch sets it
@@ -301,6 +307,7 @@ class Spool:
                 self._urgent = True  # a backlog (after a stall): next batch at once
             if self._stopping and not rows and not jobs:
                 return
+            warm = bool(rows)
             if rows:
                 self._write(rows)
                 now = time.time()
