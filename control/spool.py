@@ -17,8 +17,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import os
-import select
 import sqlite3
 import threading
 import time
@@ -111,24 +109,24 @@ class Spool:
         self._thread: threading.Thread | None = None
         self._db: sqlite3.Connection | None = None
         # Shared with the writer thread without a lock (deques are thread-safe; each flag has
-        # one writer per transition, see _writer_main). The thread sleeps on a pipe: waking it
-        # is one write, and only when a flag says it is asleep.
+        # one writer per transition, see _writer_main). Waking the thread is one lock release,
+        # and only when a flag says it is asleep.
         self._rows: deque[_Row] = deque()
         self._jobs: deque[_Job] = deque()
         self._urgent = False
         self._idle = False
         self._lingering = False
         self._stopping = False
-        self._wake_fds: tuple[int, int] | None = None
+        # Released by the loop to wake the thread, which sleeps acquiring it. Releasing a lock
+        # keeps the GIL (a pipe write would hand it to the thread in the middle of a request).
+        self._signal = threading.Lock()
+        self._signal.acquire()
 
     async def start(self) -> None:
         """Open (or recover) the database and start the writer thread."""
         self._loop = asyncio.get_running_loop()
         self.epoch, self.high_watermark, self.acked_through = await asyncio.to_thread(self._open)
         SPOOL_HIGH_WATERMARK.set(self.high_watermark)
-        self._wake_fds = os.pipe()
-        for fd in self._wake_fds:
-            os.set_blocking(fd, False)
         self._thread = threading.Thread(target=self._writer_main, name="spool-writer", daemon=True)
         self._thread.start()
 
@@ -186,10 +184,6 @@ class Spool:
         self._wake()
         self._thread.join(timeout=5.0)
         self._thread = None
-        if self._wake_fds is not None:
-            for fd in self._wake_fds:
-                os.close(fd)
-            self._wake_fds = None
 
     async def read_after(self, seq: int, limit: int = 500) -> list[SpooledRecord]:
         """Records with a sequence number above ``seq``, oldest first."""
@@ -242,10 +236,9 @@ class Spool:
         return await future
 
     def _wake(self) -> None:
-        if self._wake_fds is not None:
-            # BlockingIOError: the pipe is full of wake-ups already.
-            with contextlib.suppress(BlockingIOError):
-                os.write(self._wake_fds[1], b"\0")
+        # RuntimeError: already released, a wake-up is pending.
+        with contextlib.suppress(RuntimeError):
+            self._signal.release()
 
     def _committed(self, count: int, high: int) -> None:
         self._written += count
@@ -276,9 +269,6 @@ class Spool:
     # -- writer thread ------------------------------------------------------------------------
 
     def _writer_main(self) -> None:
-        assert self._wake_fds is not None
-        poller = select.poll()
-        poller.register(self._wake_fds[0], select.POLLIN)
         next_bounds_check = 0.0
         # Right after a batch the writer stays "warm": it lingers even with nothing queued, so
         # a busy gateway's records never need a wake-up, only its flushes do.
@@ -290,13 +280,13 @@ class Spool:
             if not warm:
                 self._idle = True
                 if not (self._rows or self._jobs or self._stopping):
-                    self._sleep(poller, None)
+                    self._sleep(None)
                 self._idle = False
             if not (self._jobs or self._urgent or self._stopping):
                 # Linger briefly so a quiet gateway writes a few large transactions.
                 self._lingering = True
                 if not (self._jobs or self._urgent or self._stopping):
-                    self._sleep(poller, self._linger)
+                    self._sleep(self._linger)
                 self._lingering = False
             # Cleared before the rows are taken: a flush for rows that miss this batch sets it
             # again after appending them.
@@ -322,11 +312,8 @@ class Spool:
                 else:
                     self._post(_resolve, future, result)
 
-    def _sleep(self, poller: select.poll, timeout: float | None) -> None:
-        assert self._wake_fds is not None
-        poller.poll(None if timeout is None else timeout * 1000)
-        with contextlib.suppress(BlockingIOError):
-            os.read(self._wake_fds[0], 4096)
+    def _sleep(self, timeout: float | None) -> None:
+        self._signal.acquire(timeout=-1 if timeout is None else timeout)
 
     def _write(self, rows: list[_Row]) -> None:
         try:
