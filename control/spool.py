@@ -36,9 +36,12 @@ from gateway.records import Record
 log = logging.getLogger("aibridged.spool")
 T = TypeVar("T")
 
+# No AUTOINCREMENT: it rewrites the sqlite_sequence page in every commit. Sequence numbers still
+# never go back: each batch's first row gets the next one explicitly (the rest follow it), and
+# the high watermark is kept in meta whenever rows are deleted.
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS records (
-    seq INTEGER PRIMARY KEY AUTOINCREMENT,
+    seq INTEGER PRIMARY KEY,
     record_id TEXT NOT NULL,
     kind TEXT NOT NULL,
     interception_id TEXT NOT NULL,
@@ -48,10 +51,11 @@ CREATE TABLE IF NOT EXISTS records (
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
 """
 
-_INSERT = "INSERT INTO records (record_id, kind, interception_id, created_at, payload) VALUES "
+_INSERT = "INSERT INTO records (seq, record_id, kind, interception_id, created_at, payload) VALUES "
 _INSERTS: dict[int, str] = {}
-# (record_id, kind, interception_id, created_at, payload), serialised on submit.
-_Row = tuple[str, str, str, float, bytes]
+# (seq, record_id, kind, interception_id, created_at, payload), serialised on submit; seq is None
+# (the next rowid) but for a batch's first row.
+_Row = tuple[int | None, str, str, str, float, bytes]
 
 # Rows per statement at most (a backlog after a disk stall is written in several).
 _BATCH_MAX = 2000
@@ -108,6 +112,8 @@ class Spool:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
         self._db: sqlite3.Connection | None = None
+        # Writer thread: the highest sequence number written.
+        self._seq = 0
         # Shared with the writer thread without a lock (deques are thread-safe; each flag has
         # one writer per transition, see _writer_main). Waking the thread is one lock release,
         # and only when a flag says it is asleep.
@@ -142,6 +148,7 @@ class Spool:
             return
         self._next_id += 1
         row = (
+            None,
             f"{self._id_prefix}-{self._next_id}",
             record.kind,
             record.interception_id,
@@ -345,9 +352,10 @@ class Spool:
         else:
             epoch = str(row[0])
         self._db = db
-        seq = db.execute("SELECT seq FROM sqlite_sequence WHERE name = 'records'").fetchone()
-        high = int(seq[0]) if seq else 0
-        first = db.execute("SELECT MIN(seq) FROM records").fetchone()[0]
+        first, last = db.execute("SELECT MIN(seq), MAX(seq) FROM records").fetchone()
+        kept = db.execute("SELECT value FROM meta WHERE key = 'high_watermark'").fetchone()
+        high = max(int(last or 0), int(kept[0]) if kept else 0, _autoincrement_seq(db))
+        self._seq = high
         # Everything below the oldest remaining record was acknowledged (or trimmed).
         acked = int(first) - 1 if first is not None else high
         return epoch, high, acked
@@ -362,11 +370,14 @@ class Spool:
         sql = _INSERTS.get(len(rows))
         if sql is None:
             # Kept, so the statement cache finds it by a string whose hash is already known.
-            sql = _INSERTS[len(rows)] = _INSERT + ",".join(["(?,?,?,?,?)"] * len(rows))
+            sql = _INSERTS[len(rows)] = _INSERT + ",".join(["(?,?,?,?,?,?)"] * len(rows))
+        # The first row's explicit seq; the others take the next rowids.
+        rows[0] = (self._seq + 1, *rows[0][1:])
         # Autocommit: the single multi-row statement is its own transaction.
         cursor = self._db.execute(sql, list(chain.from_iterable(rows)))
         # The rowid of the last row inserted: the batch's highest sequence number.
-        return int(cursor.lastrowid or 0)
+        self._seq = int(cursor.lastrowid or 0)
+        return self._seq
 
     def _select(self, seq: int, limit: int) -> list[SpooledRecord]:
         assert self._db is not None
@@ -382,7 +393,19 @@ class Spool:
 
     def _delete(self, through_seq: int) -> int:
         assert self._db is not None
-        return self._db.execute("DELETE FROM records WHERE seq <= ?", (through_seq,)).rowcount
+        with self._db:
+            self._db.execute("BEGIN")
+            removed = self._db.execute("DELETE FROM records WHERE seq <= ?", (through_seq,))
+            self._keep_high_watermark()
+        return removed.rowcount
+
+    def _keep_high_watermark(self) -> None:
+        # Deleting the newest rows must not let a later batch reuse their sequence numbers.
+        assert self._db is not None
+        self._db.execute(
+            "INSERT OR REPLACE INTO meta (key, value) VALUES ('high_watermark', ?)",
+            (str(self._seq),),
+        )
 
     def _stats(self) -> tuple[int, float | None]:
         assert self._db is not None
@@ -392,17 +415,31 @@ class Spool:
     def _trim(self, now: float) -> tuple[int, int]:
         """Enforce the spool bounds; returns (dropped by count, dropped by age)."""
         assert self._db is not None
-        by_age = self._db.execute(
-            "DELETE FROM records WHERE created_at < ?", (now - self._max_age,)
-        ).rowcount
-        (depth,) = self._db.execute("SELECT COUNT(*) FROM records").fetchone()
-        by_count = 0
-        if depth > self._max_records:
-            by_count = self._db.execute(
-                "DELETE FROM records WHERE seq IN (SELECT seq FROM records ORDER BY seq LIMIT ?)",
-                (depth - self._max_records,),
+        with self._db:
+            self._db.execute("BEGIN")
+            by_age = self._db.execute(
+                "DELETE FROM records WHERE created_at < ?", (now - self._max_age,)
             ).rowcount
+            (depth,) = self._db.execute("SELECT COUNT(*) FROM records").fetchone()
+            by_count = 0
+            if depth > self._max_records:
+                by_count = self._db.execute(
+                    "DELETE FROM records WHERE seq IN"
+                    " (SELECT seq FROM records ORDER BY seq LIMIT ?)",
+                    (depth - self._max_records,),
+                ).rowcount
+            if by_age or by_count:
+                self._keep_high_watermark()
         return by_count, by_age
+
+
+def _autoincrement_seq(db: sqlite3.Connection) -> int:
+    """The last sequence number of a spool created with AUTOINCREMENT by earlier versions, else 0."""
+    try:
+        row = db.execute("SELECT seq FROM sqlite_sequence WHERE name = 'records'").fetchone()
+    except sqlite3.OperationalError:  # no sqlite_sequence: no AUTOINCREMENT table here
+        return 0
+    return int(row[0]) if row else 0
 
 
 def _take(items: deque[T], limit: int) -> list[T]:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import sqlite3
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -259,3 +260,46 @@ async def test_close_flushes_queued_records(tmp_path: Path) -> None:
         assert [r.payload for r in stored] == [_expected(r) for r in records]
     finally:
         await second.close()
+
+
+async def test_seq_not_reused_when_the_newest_rows_are_acked_while_running(spool: Spool) -> None:
+    for i in range(3):
+        spool.submit(_record(i))
+    await spool.flush()
+    last = (await spool.read_after(0, 10))[-1].seq
+    await spool.ack(last)
+    spool.submit(_record(3))
+    await spool.flush()
+    (record,) = await spool.read_after(0, 10)
+    assert record.seq == last + 1
+    assert spool.high_watermark == last + 1
+
+
+async def test_spool_created_with_autoincrement_continues_its_sequence(tmp_path: Path) -> None:
+    """A spool file written by an earlier version (AUTOINCREMENT, all records acked)."""
+    path = tmp_path / "spool.db"
+    db = sqlite3.connect(path)
+    db.executescript(
+        """
+        CREATE TABLE records (
+            seq INTEGER PRIMARY KEY AUTOINCREMENT, record_id TEXT NOT NULL, kind TEXT NOT NULL,
+            interception_id TEXT NOT NULL, created_at REAL NOT NULL, payload BLOB NOT NULL);
+        CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+        INSERT INTO meta VALUES ('epoch', 'old-epoch');
+        INSERT INTO records VALUES (41, 'r-41', 'prompt_usage', 'i', 1.0, '{}');
+        DELETE FROM records;
+        """
+    )
+    db.commit()
+    db.close()
+
+    spool = Spool(path)
+    await spool.start()
+    try:
+        assert (spool.epoch, spool.high_watermark, spool.acked_through) == ("old-epoch", 41, 41)
+        spool.submit(_record(0))
+        await spool.flush()
+        (record,) = await spool.read_after(0, 10)
+        assert record.seq == 42
+    finally:
+        await spool.close()
