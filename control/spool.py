@@ -434,7 +434,7 @@ class Spool:
 
 
 def _autoincrement_seq(db: sqlite3.Connection) -> int:
-    """The last sequence number of a spool created with AUTOINCREMENT by earlier versions, else 0."""
+    """The last sequence number of a spool made with AUTOINCREMENT by earlier versions, or 0."""
     try:
         row = db.execute("SELECT seq FROM sqlite_sequence WHERE name = 'records'").fetchone()
     except sqlite3.OperationalError:  # no sqlite_sequence: no AUTOINCREMENT table here

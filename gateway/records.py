@@ -9,7 +9,7 @@ consumer can group them whatever order they arrive in.
 
 from __future__ import annotations
 
-import os
+import random
 import time
 from dataclasses import dataclass, field
 from typing import Literal
@@ -28,12 +28,19 @@ def now() -> float:
 
 
 def new_interception_id() -> str:
-    """A random (version 4) UUID string: as ``str(uuid.uuid4())``, in a fifth of the time."""
-    raw = bytearray(os.urandom(16))
-    raw[6] = raw[6] & 0x0F | 0x40
-    raw[8] = raw[8] & 0x3F | 0x80
-    h = raw.hex()
+    """A random (version 4) UUID string, like ``str(uuid.uuid4())`` at a fraction of the cost.
+
+    Ids only need to be unique, not secret: the process-wide generator (seeded from the OS at
+    start and again in forked children) saves an entropy syscall per request.
+    """
+    h = f"{_random_bits(128) & _V4_CLEAR | _V4_SET:032x}"
     return f"{h[:8]}-{h[8:12]}-{h[12:16]}-{h[16:20]}-{h[20:]}"
+
+
+_random_bits = random.getrandbits
+# Version 4 in bits 76-79, variant 10 in bits 62-63 (RFC 9562).
+_V4_CLEAR = ~((0xF << 76) | (0x3 << 62))
+_V4_SET = (0x4 << 76) | (0x2 << 62)
 
 
 @dataclass(slots=True)

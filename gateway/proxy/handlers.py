@@ -162,7 +162,11 @@ async def messages(services: Services, request: web.Request) -> web.StreamRespon
         provider.max_retries,
     )
     try:
-        loop = await _tool_loop(services, snapshot, auth, parsed, interception_id)
+        loop = (
+            await _tool_loop(services, snapshot, auth, parsed, interception_id)
+            if services.mcp_pool is not None
+            else None
+        )
         body = orjson.dumps(parsed.parsed) if loop is not None else parsed.body
         injected = loop.is_injected if loop is not None else None
         response: web.StreamResponse
