@@ -31,7 +31,7 @@ from typing import Any, TypeVar
 import orjson
 
 from gateway.metrics import SPOOL_HIGH_WATERMARK, SPOOL_RECORDS, USAGE_RECORDS_DROPPED
-from gateway.records import Record
+from gateway.records import InterceptionEnded, InterceptionStarted, Record
 
 log = logging.getLogger("aibridged.spool")
 T = TypeVar("T")
@@ -112,8 +112,9 @@ class Spool:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
         self._db: sqlite3.Connection | None = None
-        # Writer thread: the highest sequence number written.
+        # Writer thread: the highest sequence number written; running until it returns.
         self._seq = 0
+        self._running = False
         # Shared with the writer thread without a lock (deques are thread-safe; each flag has
         # one writer per transition, see _writer_main). Waking the thread is one lock release,
         # and only when a flag says it is asleep.
@@ -133,7 +134,8 @@ class Spool:
         self._loop = asyncio.get_running_loop()
         self.epoch, self.high_watermark, self.acked_through = await asyncio.to_thread(self._open)
         SPOOL_HIGH_WATERMARK.set(self.high_watermark)
-        self._thread = threading.Thread(target=self._writer_main, name="spool-writer", daemon=True)
+        self._thread = threading.Thread(target=self._writer, name="spool-writer", daemon=True)
+        self._running = True
         self._thread.start()
 
     def submit(self, record: Record) -> None:
@@ -168,7 +170,7 @@ class Spool:
         target = self._submitted
         if self._written >= target:
             return
-        if self._thread is None or not self._thread.is_alive() or self._loop is None:
+        if not self._running or self._loop is None:
             raise RuntimeError("spool writer is not running")
         future = self._loop.create_future()
         self._waiters.append((target, future))
@@ -234,7 +236,7 @@ class Spool:
 
     async def _run(self, fn: Callable[..., T], *args: Any) -> T:
         """Run ``fn(*args)`` on the writer thread (it owns the connection)."""
-        if self._thread is None or not self._thread.is_alive() or self._loop is None:
+        if not self._running or self._loop is None:
             raise RuntimeError("spool writer is not running")
         future: asyncio.Future[T] = self._loop.create_future()
         self._jobs.append((fn, args, future))
@@ -274,6 +276,15 @@ class Spool:
                 )
 
     # -- writer thread ------------------------------------------------------------------------
+
+    def _writer(self) -> None:
+        try:
+            self._writer_main()
+        except BaseException:
+            log.exception("usage spool writer stopped")
+            raise
+        finally:
+            self._running = False
 
     def _writer_main(self) -> None:
         next_bounds_check = 0.0
@@ -458,8 +469,8 @@ def _fail(future: asyncio.Future[Any], exc: BaseException) -> None:
 
 
 def _created(record: Record) -> float:
-    for name in ("started_at", "ended_at", "created_at"):
-        value = getattr(record, name, None)
-        if isinstance(value, float):
-            return value
-    return 0.0
+    if isinstance(record, InterceptionStarted):
+        return record.started_at
+    if isinstance(record, InterceptionEnded):
+        return record.ended_at
+    return record.created_at
