@@ -30,7 +30,12 @@ from typing import Any, TypeVar
 
 import orjson
 
-from gateway.metrics import SPOOL_HIGH_WATERMARK, SPOOL_RECORDS, USAGE_RECORDS_DROPPED
+from gateway.metrics import (
+    SPOOL_HIGH_WATERMARK,
+    SPOOL_RECORDS,
+    SPOOL_WRITE_PROBLEMS,
+    USAGE_RECORDS_DROPPED,
+)
 from gateway.records import InterceptionEnded, InterceptionStarted, Record
 
 log = logging.getLogger("aibridged.spool")
@@ -89,6 +94,7 @@ class Spool:
         queue_max: int = 100_000,
         max_records: int = 5_000_000,
         max_age: float = 7 * 86400.0,
+        flush_timeout: float = 5.0,
     ) -> None:
         self.path = path
         self.epoch = ""
@@ -109,12 +115,20 @@ class Spool:
         self._submitted = 0
         self._written = 0
         self._waiters: list[tuple[int, asyncio.Future[None]]] = []
+        # Degraded: the last batch failed, or nothing committed for flush_timeout while someone
+        # waited. Responses then stop waiting (availability first); their records stay queued
+        # and are written once the disk recovers, which ends the degraded state.
+        self.degraded = False
+        self._flush_timeout = flush_timeout
+        self._stall_timer: asyncio.TimerHandle | None = None
+        self._written_at_check = 0
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
         self._db: sqlite3.Connection | None = None
         # Writer thread: the highest sequence number written; running until it returns.
         self._seq = 0
         self._running = False
+        self._write_failing = False
         # Shared with the writer thread without a lock (deques are thread-safe; each flag has
         # one writer per transition, see _writer_main). Waking the thread is one lock release,
         # and only when a flag says it is asleep.
@@ -166,14 +180,24 @@ class Spool:
             self._wake()
 
     async def flush(self) -> None:
-        """Wait until every record submitted so far is committed to disk."""
+        """Wait until every record submitted so far is committed to disk.
+
+        Returns at once while the spool is ``degraded`` (it cannot write): a broken disk must
+        not hold every response back. The records stay queued and are written on recovery.
+        """
         target = self._submitted
-        if self._written >= target:
+        if self._written >= target or self.degraded:
             return
+        await self._committed_through(target)
+
+    async def _committed_through(self, target: int) -> None:
         if not self._running or self._loop is None:
             raise RuntimeError("spool writer is not running")
         future = self._loop.create_future()
         self._waiters.append((target, future))
+        if self._stall_timer is None:
+            self._written_at_check = self._written
+            self._stall_timer = self._loop.call_later(self._flush_timeout, self._check_stall)
         # Someone is waiting: the writer commits now instead of lingering for more records.
         # One wake-up per batch: later flushes find the flag already set.
         if not self._urgent:
@@ -183,16 +207,41 @@ class Spool:
         await future
 
     async def close(self) -> None:
-        """Flush what is queued, stop the writer and close the database."""
+        """Write what is queued (for up to ``flush_timeout``), stop the writer, close the file."""
         if self._thread is None:
             return
         if self._thread.is_alive():
-            await self.flush()
-            await self._run(self._close_db)
+            await self._drain()
+            try:
+                await asyncio.wait_for(self._run(self._close_db), self._flush_timeout)
+            except TimeoutError:
+                log.error("usage spool writer is stuck (disk hung?): closing without it")
+        if self._stall_timer is not None:
+            self._stall_timer.cancel()
+            self._stall_timer = None
         self._stopping = True
         self._wake()
         self._thread.join(timeout=5.0)
         self._thread = None
+
+    async def _drain(self) -> None:
+        # Even when degraded: the writer retries failed batches, give it flush_timeout.
+        target = self._submitted
+        deadline = time.monotonic() + self._flush_timeout
+        while self._written < target and self._running:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                break
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._committed_through(target), left)
+        lost = target - self._written
+        if lost > 0:
+            self.dropped += lost
+            USAGE_RECORDS_DROPPED.labels("shutdown").inc(lost)
+            log.error(
+                "usage spool closing with records it could not write: DROPPED",
+                extra={"dropped": lost, "dropped_total": self.dropped},
+            )
 
     async def read_after(self, seq: int, limit: int = 500) -> list[SpooledRecord]:
         """Records with a sequence number above ``seq``, oldest first."""
@@ -250,6 +299,9 @@ class Spool:
             self._signal.release()
 
     def _committed(self, count: int, high: int) -> None:
+        if self.degraded:
+            self.degraded = False
+            log.warning("usage spool writes again: responses wait for their records again")
         self._written += count
         if high > self.high_watermark:
             self.high_watermark = high
@@ -264,6 +316,32 @@ class Spool:
         if done:
             del waiters[:done]
         self._notify("_written_event")
+
+    def _check_stall(self) -> None:
+        self._stall_timer = None
+        if not self._waiters:
+            return
+        if self._written == self._written_at_check:
+            self._degrade("stall", f"no batch committed for {self._flush_timeout:g}s")
+            return
+        assert self._loop is not None
+        self._written_at_check = self._written
+        self._stall_timer = self._loop.call_later(self._flush_timeout, self._check_stall)
+
+    def _degrade(self, reason: str, detail: str) -> None:
+        SPOOL_WRITE_PROBLEMS.labels(reason).inc()
+        if not self.degraded:
+            self.degraded = True
+            log.error(
+                "usage spool cannot write (%s): responses no longer wait for their records,"
+                " which stay queued in memory until the disk recovers",
+                detail,
+                extra={"reason": reason, "pending": self.pending},
+            )
+        waiters, self._waiters = self._waiters, []
+        for _, future in waiters:
+            if not future.done():
+                future.set_result(None)
 
     def _trimmed(self, by_count: int, by_age: int) -> None:
         for reason, count in (("spool_max_records", by_count), ("spool_max_age", by_age)):
@@ -316,12 +394,14 @@ class Spool:
             if self._stopping and not rows and not jobs:
                 return
             warm = bool(rows)
-            if rows:
-                self._write(rows)
+            if rows and self._write(rows):
                 now = time.time()
                 if now >= next_bounds_check:
                     next_bounds_check = now + _BOUNDS_EVERY
-                    self._post(self._trimmed, *self._trim(now))
+                    try:
+                        self._post(self._trimmed, *self._trim(now))
+                    except Exception:
+                        log.exception("usage spool bounds check failed")
             for fn, args, future in jobs:
                 try:
                     result = fn(*args)
@@ -333,15 +413,20 @@ class Spool:
     def _sleep(self, timeout: float | None) -> None:
         self._signal.acquire(timeout=-1 if timeout is None else timeout)
 
-    def _write(self, rows: list[_Row]) -> None:
+    def _write(self, rows: list[_Row]) -> bool:
         try:
             high = self._insert(rows)
-        except Exception:
-            log.exception("usage spool write failed; retrying the batch in 1s")
+        except Exception as exc:
+            if not self._write_failing:  # one traceback per outage, not one per retry
+                log.exception("usage spool write failed; retrying the batch every second")
+            self._write_failing = True
             self._rows.extendleft(reversed(rows))
+            self._post(self._degrade, "error", f"{type(exc).__name__}: {exc}")
             time.sleep(1.0)
-            return
+            return False
+        self._write_failing = False
         self._post(self._committed, len(rows), high)
+        return True
 
     def _post(self, fn: Callable[..., None], *args: Any) -> None:
         assert self._loop is not None

@@ -122,6 +122,7 @@ class Settings(BaseSettings):
     control_grace: float = Field(default=5.0, ge=0)
     spool_max_records: int = Field(default=5_000_000, gt=0)
     spool_max_age: float = Field(default=7 * 86400.0, gt=0)
+    spool_flush_timeout: float = Field(default=5.0, gt=0)
     metrics_enabled: bool = True
     mcp_call_timeout: float = Field(default=60.0, gt=0)
     mcp_list_timeout: float = Field(default=5.0, gt=0)

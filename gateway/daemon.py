@@ -64,6 +64,7 @@ class Daemon:
             settings.spool_path,
             max_records=settings.spool_max_records,
             max_age=settings.spool_max_age,
+            flush_timeout=settings.spool_flush_timeout,
         )
         await spool.start()
         state = StateHolder(Snapshot.from_settings(settings))

@@ -9,7 +9,7 @@ REGISTRY = CollectorRegistry(auto_describe=True)
 USAGE_RECORDS_DROPPED = Counter(
     "aibridged_usage_records_dropped_total",
     "Usage records dropped before the host acknowledged them.",
-    ["reason"],  # queue_full | spool_max_records | spool_max_age
+    ["reason"],  # queue_full | spool_max_records | spool_max_age | shutdown
     registry=REGISTRY,
 )
 SPOOL_RECORDS = Gauge(
@@ -20,6 +20,13 @@ SPOOL_RECORDS = Gauge(
 SPOOL_HIGH_WATERMARK = Gauge(
     "aibridged_usage_spool_high_watermark",
     "Highest sequence number written to the usage spool.",
+    registry=REGISTRY,
+)
+SPOOL_WRITE_PROBLEMS = Counter(
+    "aibridged_usage_spool_write_problems_total",
+    "Spool batches that failed to commit (error) and waits where nothing committed for"
+    " spool_flush_timeout (stall); either way responses stop waiting for their records.",
+    ["reason"],  # error | stall
     registry=REGISTRY,
 )
 USAGE_RECORDS_DELIVERED = Counter(

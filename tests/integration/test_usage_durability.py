@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import sqlite3
+import threading
 import time
 from collections import Counter, defaultdict
 from collections.abc import Callable, Iterable
@@ -382,3 +384,53 @@ async def test_spool_bound_drops_oldest_and_says_so(
     assert errors and "DROPPED" in errors[0].getMessage()
     assert getattr(errors[0], "reason", None) == "spool_max_records"
     assert getattr(errors[0], "dropped", None) == dropped
+
+
+# -- a disk that fails or stalls ---------------------------------------------------------------
+
+
+@pytest.mark.parametrize("fault", ["error", "stall"])
+async def test_a_spool_that_cannot_write_does_not_hold_responses(
+    make_gateway: GatewayFactory, monkeypatch: pytest.MonkeyPatch, fault: str
+) -> None:
+    """Disk full or hung: streams still complete; the records are written once it recovers."""
+    gw = await make_gateway(spool_flush_timeout=0.5)
+    spool = gw.daemon.spool
+    real_insert = spool._insert
+    broken = threading.Event()
+    broken.set()
+
+    def insert(rows: list[Any]) -> int:
+        if fault == "error" and broken.is_set():
+            raise sqlite3.OperationalError("database or disk is full")
+        if fault == "stall":
+            recovered.wait()  # the writer hangs here until the test lets it go
+        return real_insert(rows)
+
+    recovered = threading.Event()
+    monkeypatch.setattr(spool, "_insert", insert)
+    gw.upstream.enqueue(*[Reply.from_section(TEXT["streaming"]) for _ in range(3)])
+
+    try:
+        started = time.monotonic()
+        async with aiohttp.ClientSession() as http, asyncio.timeout(10):
+            ids = [await ask(http, gw.url, stream=True) for _ in range(3)]
+        # Only the first response waited (at most the flush timeout): the spool is degraded.
+        assert time.monotonic() - started < 3.0
+        assert spool.degraded
+        problems = "aibridged_usage_spool_write_problems_total"
+        assert await metric_value(gw.metrics_url, problems, reason=fault) >= 1
+    finally:
+        broken.clear()
+        recovered.set()
+
+    async with asyncio.timeout(10):
+        while True:
+            committed = spool.written  # taken before reading: no batch can slip in between
+            records = await spool.read_after(0, 100)
+            if len(records) == 12:
+                break
+            await committed.wait()
+    assert not spool.degraded
+    assert {r.interception_id for r in records} == set(ids)
+    assert Counter(r.kind for r in records) == dict.fromkeys(KINDS, 3)
