@@ -10,6 +10,7 @@ made durable here.
 Why a dedicated thread and one statement per batch: every call into sqlite3 releases the GIL and
 must win it back from a busy event loop, which can take a whole switch interval. Fewer calls per
 batch keep the commit latency (and so the time a finished response waits for its records) low.
+The file itself (schema, recovery, statements) is ``control.spool_file``.
 """
 
 from __future__ import annotations
@@ -17,19 +18,17 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import sqlite3
 import threading
 import time
 import uuid
 from collections import deque
 from collections.abc import Callable
-from dataclasses import dataclass
-from itertools import chain
 from pathlib import Path
 from typing import Any, TypeVar
 
 import orjson
 
+from control.spool_file import Row, SpooledRecord, SpoolFile
 from gateway.metrics import (
     SPOOL_HIGH_WATERMARK,
     SPOOL_RECORDS,
@@ -38,46 +37,15 @@ from gateway.metrics import (
 )
 from gateway.records import InterceptionEnded, InterceptionStarted, Record
 
+__all__ = ["Spool", "SpooledRecord"]
+
 log = logging.getLogger("aibridged.spool")
 T = TypeVar("T")
-
-# No AUTOINCREMENT: it rewrites the sqlite_sequence page in every commit. Sequence numbers still
-# never go back: each batch's first row gets the next one explicitly (the rest follow it), and
-# the high watermark is kept in meta whenever rows are deleted.
-_SCHEMA = """
-CREATE TABLE IF NOT EXISTS records (
-    seq INTEGER PRIMARY KEY,
-    record_id TEXT NOT NULL,
-    kind TEXT NOT NULL,
-    interception_id TEXT NOT NULL,
-    created_at REAL NOT NULL,
-    payload BLOB NOT NULL
-);
-CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
-"""
-
-_INSERT = "INSERT INTO records (seq, record_id, kind, interception_id, created_at, payload) VALUES "
-_INSERTS: dict[int, str] = {}
-# (seq, record_id, kind, interception_id, created_at, payload), serialised on submit; seq is None
-# (the next rowid) but for a batch's first row.
-_Row = tuple[int | None, str, str, str, float, bytes]
 
 # Rows per statement at most (a backlog after a disk stall is written in several).
 _BATCH_MAX = 2000
 # How often the writer enforces the spool's bounds (max records, max age).
 _BOUNDS_EVERY = 5.0
-
-
-@dataclass(frozen=True, slots=True)
-class SpooledRecord:
-    """A record as stored: sequence number, stable id, kind and its JSON payload."""
-
-    seq: int
-    record_id: str
-    kind: str
-    interception_id: str
-    created_at: float
-    payload: dict[str, Any]
 
 
 _Job = tuple[Callable[..., Any], tuple[Any, ...], "asyncio.Future[Any]"]
@@ -124,15 +92,14 @@ class Spool:
         self._written_at_check = 0
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
-        self._db: sqlite3.Connection | None = None
-        # Writer thread: the highest sequence number written; running until it returns.
-        self._seq = 0
+        # Used on the writer thread only; the thread runs until _writer returns.
+        self._file: SpoolFile | None = None
         self._running = False
         self._write_failing = False
         # Shared with the writer thread without a lock (deques are thread-safe; each flag has
         # one writer per transition, see _writer_main). Waking the thread is one lock release,
         # and only when a flag says it is asleep.
-        self._rows: deque[_Row] = deque()
+        self._rows: deque[Row] = deque()
         self._jobs: deque[_Job] = deque()
         self._urgent = False
         self._idle = False
@@ -146,7 +113,8 @@ class Spool:
     async def start(self) -> None:
         """Open (or recover) the database and start the writer thread."""
         self._loop = asyncio.get_running_loop()
-        self.epoch, self.high_watermark, self.acked_through = await asyncio.to_thread(self._open)
+        opened = await asyncio.to_thread(SpoolFile.open, self.path)
+        self._file, self.epoch, self.high_watermark, self.acked_through = opened
         SPOOL_HIGH_WATERMARK.set(self.high_watermark)
         self._thread = threading.Thread(target=self._writer, name="spool-writer", daemon=True)
         self._running = True
@@ -213,7 +181,8 @@ class Spool:
         if self._thread.is_alive():
             await self._drain()
             try:
-                await asyncio.wait_for(self._run(self._close_db), self._flush_timeout)
+                assert self._file is not None
+                await asyncio.wait_for(self._run(self._file.close), self._flush_timeout)
             except TimeoutError:
                 log.error("usage spool writer is stuck (disk hung?): closing without it")
         if self._stall_timer is not None:
@@ -245,11 +214,13 @@ class Spool:
 
     async def read_after(self, seq: int, limit: int = 500) -> list[SpooledRecord]:
         """Records with a sequence number above ``seq``, oldest first."""
-        return await self._run(self._select, seq, limit)
+        assert self._file is not None
+        return await self._run(self._file.select, seq, limit)
 
     async def ack(self, through_seq: int) -> int:
         """Delete records up to ``through_seq``; returns how many were removed."""
-        removed = await self._run(self._delete, through_seq)
+        assert self._file is not None
+        removed = await self._run(self._file.delete, through_seq)
         if through_seq > self.acked_through:
             self.acked_through = min(through_seq, self.high_watermark)
             self._notify("_acked_event")
@@ -257,7 +228,8 @@ class Spool:
 
     async def stats(self) -> tuple[int, float | None]:
         """``(records in the spool, created_at of the oldest)``."""
-        depth, oldest = await self._run(self._stats)
+        assert self._file is not None
+        depth, oldest = await self._run(self._file.stats)
         SPOOL_RECORDS.set(depth)
         return depth, oldest
 
@@ -365,6 +337,8 @@ class Spool:
             self._running = False
 
     def _writer_main(self) -> None:
+        file = self._file
+        assert file is not None
         next_bounds_check = 0.0
         # Right after a batch the writer stays "warm": it lingers even with nothing queued, so
         # a busy gateway's records never need a wake-up, only its flushes do.
@@ -394,12 +368,13 @@ class Spool:
             if self._stopping and not rows and not jobs:
                 return
             warm = bool(rows)
-            if rows and self._write(rows):
+            if rows and self._write(file, rows):
                 now = time.time()
                 if now >= next_bounds_check:
                     next_bounds_check = now + _BOUNDS_EVERY
                     try:
-                        self._post(self._trimmed, *self._trim(now))
+                        trimmed = file.trim(now, self._max_age, self._max_records)
+                        self._post(self._trimmed, *trimmed)
                     except Exception:
                         log.exception("usage spool bounds check failed")
             for fn, args, future in jobs:
@@ -413,9 +388,9 @@ class Spool:
     def _sleep(self, timeout: float | None) -> None:
         self._signal.acquire(timeout=-1 if timeout is None else timeout)
 
-    def _write(self, rows: list[_Row]) -> bool:
+    def _write(self, file: SpoolFile, rows: list[Row]) -> bool:
         try:
-            high = self._insert(rows)
+            high = file.insert(rows)
         except Exception as exc:
             if not self._write_failing:  # one traceback per outage, not one per retry
                 log.exception("usage spool write failed; retrying the batch every second")
@@ -433,109 +408,6 @@ class Spool:
         # RuntimeError: the loop is closed, nobody is left to tell.
         with contextlib.suppress(RuntimeError):
             self._loop.call_soon_threadsafe(fn, *args)
-
-    def _open(self) -> tuple[str, int, int]:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        # Opened on a helper thread, then used only by the writer thread (never concurrently).
-        db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
-        db.execute("PRAGMA journal_mode=WAL")
-        db.execute("PRAGMA synchronous=NORMAL")
-        db.executescript(_SCHEMA)
-        row = db.execute("SELECT value FROM meta WHERE key = 'epoch'").fetchone()
-        if row is None:
-            epoch = str(uuid.uuid4())
-            db.execute("INSERT INTO meta (key, value) VALUES ('epoch', ?)", (epoch,))
-        else:
-            epoch = str(row[0])
-        self._db = db
-        first, last = db.execute("SELECT MIN(seq), MAX(seq) FROM records").fetchone()
-        kept = db.execute("SELECT value FROM meta WHERE key = 'high_watermark'").fetchone()
-        high = max(int(last or 0), int(kept[0]) if kept else 0, _autoincrement_seq(db))
-        self._seq = high
-        # Everything below the oldest remaining record was acknowledged (or trimmed).
-        acked = int(first) - 1 if first is not None else high
-        return epoch, high, acked
-
-    def _close_db(self) -> None:
-        if self._db is not None:
-            self._db.close()
-            self._db = None
-
-    def _insert(self, rows: list[_Row]) -> int:
-        assert self._db is not None
-        sql = _INSERTS.get(len(rows))
-        if sql is None:
-            # Kept, so the statement cache finds it by a string whose hash is already known.
-            sql = _INSERTS[len(rows)] = _INSERT + ",".join(["(?,?,?,?,?,?)"] * len(rows))
-        # The first row's explicit seq; the others take the next rowids.
-        rows[0] = (self._seq + 1, *rows[0][1:])
-        # Autocommit: the single multi-row statement is its own transaction.
-        cursor = self._db.execute(sql, list(chain.from_iterable(rows)))
-        # The rowid of the last row inserted: the batch's highest sequence number.
-        self._seq = int(cursor.lastrowid or 0)
-        return self._seq
-
-    def _select(self, seq: int, limit: int) -> list[SpooledRecord]:
-        assert self._db is not None
-        cur = self._db.execute(
-            "SELECT seq, record_id, kind, interception_id, created_at, payload FROM records"
-            " WHERE seq > ? ORDER BY seq LIMIT ?",
-            (seq, limit),
-        )
-        return [
-            SpooledRecord(row[0], row[1], row[2], row[3], row[4], orjson.loads(row[5]))
-            for row in cur.fetchall()
-        ]
-
-    def _delete(self, through_seq: int) -> int:
-        assert self._db is not None
-        with self._db:
-            self._db.execute("BEGIN")
-            removed = self._db.execute("DELETE FROM records WHERE seq <= ?", (through_seq,))
-            self._keep_high_watermark()
-        return removed.rowcount
-
-    def _keep_high_watermark(self) -> None:
-        # Deleting the newest rows must not let a later batch reuse their sequence numbers.
-        assert self._db is not None
-        self._db.execute(
-            "INSERT OR REPLACE INTO meta (key, value) VALUES ('high_watermark', ?)",
-            (str(self._seq),),
-        )
-
-    def _stats(self) -> tuple[int, float | None]:
-        assert self._db is not None
-        depth, oldest = self._db.execute("SELECT COUNT(*), MIN(created_at) FROM records").fetchone()
-        return int(depth), oldest
-
-    def _trim(self, now: float) -> tuple[int, int]:
-        """Enforce the spool bounds; returns (dropped by count, dropped by age)."""
-        assert self._db is not None
-        with self._db:
-            self._db.execute("BEGIN")
-            by_age = self._db.execute(
-                "DELETE FROM records WHERE created_at < ?", (now - self._max_age,)
-            ).rowcount
-            (depth,) = self._db.execute("SELECT COUNT(*) FROM records").fetchone()
-            by_count = 0
-            if depth > self._max_records:
-                by_count = self._db.execute(
-                    "DELETE FROM records WHERE seq IN"
-                    " (SELECT seq FROM records ORDER BY seq LIMIT ?)",
-                    (depth - self._max_records,),
-                ).rowcount
-            if by_age or by_count:
-                self._keep_high_watermark()
-        return by_count, by_age
-
-
-def _autoincrement_seq(db: sqlite3.Connection) -> int:
-    """The last sequence number of a spool made with AUTOINCREMENT by earlier versions, or 0."""
-    try:
-        row = db.execute("SELECT seq FROM sqlite_sequence WHERE name = 'records'").fetchone()
-    except sqlite3.OperationalError:  # no sqlite_sequence: no AUTOINCREMENT table here
-        return 0
-    return int(row[0]) if row else 0
 
 
 def _take(items: deque[T], limit: int) -> list[T]:

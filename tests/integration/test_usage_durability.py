@@ -396,7 +396,8 @@ async def test_a_spool_that_cannot_write_does_not_hold_responses(
     """Disk full or hung: streams still complete; the records are written once it recovers."""
     gw = await make_gateway(spool_flush_timeout=0.5)
     spool = gw.daemon.spool
-    real_insert = spool._insert
+    assert spool._file is not None
+    real_insert = spool._file.insert
     broken = threading.Event()
     broken.set()
 
@@ -408,7 +409,7 @@ async def test_a_spool_that_cannot_write_does_not_hold_responses(
         return real_insert(rows)
 
     recovered = threading.Event()
-    monkeypatch.setattr(spool, "_insert", insert)
+    monkeypatch.setattr(spool._file, "insert", insert)
     gw.upstream.enqueue(*[Reply.from_section(TEXT["streaming"]) for _ in range(3)])
 
     try:
