@@ -125,10 +125,14 @@ class Spool:
         if self._submitted - self._written >= self._queue_max:
             self.dropped += 1
             USAGE_RECORDS_DROPPED.labels("queue_full").inc()
-            log.error(
-                "usage spool queue full: record dropped (disk stalled?)",
-                extra={"dropped_total": self.dropped, "kind": record.kind},
-            )
+            # A dead disk drops every record: log the 1st, 2nd, 4th, 8th... and every 10,000th
+            # (the metric counts them all), not a line per record.
+            n = self.dropped
+            if n & (n - 1) == 0 or n % 10_000 == 0:
+                log.error(
+                    "usage spool queue full: record dropped (disk stalled?)",
+                    extra={"dropped_total": n, "kind": record.kind},
+                )
             return
         self._next_id += 1
         row = (
