@@ -285,9 +285,7 @@ class Spool:
         waiters = self._waiters
         done = 0
         while done < len(waiters) and waiters[done][0] <= self._written:
-            future = waiters[done][1]
-            if not future.done():
-                future.set_result(None)
+            _resolve(waiters[done][1], None)
             done += 1
         if done:
             del waiters[:done]
@@ -316,8 +314,7 @@ class Spool:
             )
         waiters, self._waiters = self._waiters, []
         for _, future in waiters:
-            if not future.done():
-                future.set_result(None)
+            _resolve(future, None)
 
     def _trimmed(self, by_count: int, by_age: int) -> None:
         for reason, count in (("spool_max_records", by_count), ("spool_max_age", by_age)):

@@ -295,16 +295,9 @@ class Interception:
         """
         tail = b""
         async for chunk in resp.content.iter_any():
-            whole = framer.feed_whole(chunk)
-            if whole is not None:
-                if not whole[1]:
-                    continue
-                data = rewriter.feed_whole(*whole)
-            else:
-                frames = framer.feed(chunk)
-                if not frames:
-                    continue
-                data = rewriter.feed_all(frames)
+            data = rewriter.feed_chunk(framer, chunk)
+            if data is None:
+                continue
             for record in rewriter.take_records():
                 self.sink.submit(record)
             if rewriter.stop_relayed or tail:

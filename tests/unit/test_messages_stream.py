@@ -169,17 +169,13 @@ def _untimed(records: list[Record]) -> list[dict[str, Any]]:
 def _relay_chunks(
     chunks: list[bytes], injected: Any = None
 ) -> tuple[MessagesStream, bytes, list[Record]]:
-    """Feed chunks the way the relay does (whole-frame fast path, else frame by frame)."""
+    """Feed chunks through the relay's entry point (whole-frame fast path, else frame by frame)."""
     stream = MessagesStream(IID, PROMPT, injected)
     framer = SSEFramer()
     out = bytearray()
     records: list[Record] = []
     for chunk in chunks:
-        whole = framer.feed_whole(chunk)
-        if whole is not None:
-            out += stream.feed_whole(*whole)
-        else:
-            out += stream.feed_all(framer.feed(chunk))
+        out += stream.feed_chunk(framer, chunk) or b""
         records.extend(stream.take_records())
     rest = framer.flush()
     if rest is not None:

@@ -25,7 +25,7 @@ from gateway.intercept.messages.accumulate import TurnAccumulator
 from gateway.intercept.messages.rewrite_id import replace_id
 from gateway.intercept.messages.usage import MessageUsage
 from gateway.records import ModelThought, PromptUsage, Record, ToolUsage
-from gateway.sse import Frame, encode
+from gateway.sse import Frame, SSEFramer, encode
 
 _TRACKED_BLOCKS = frozenset({"thinking", "tool_use", "server_tool_use"})
 # Events relayed untouched without injected tools (exact ``event:`` names, as bytes): always, and
@@ -106,6 +106,17 @@ class MessagesStream:
         if len(frames) == 1:
             return self.feed(frames[0])
         return b"".join([self.feed(f) for f in frames])
+
+    def feed_chunk(self, framer: SSEFramer, chunk: bytes) -> bytes | None:
+        """Frame ``chunk`` and process what it completes: the client bytes, or None if nothing.
+
+        Whole-frame chunks take the fast path (``SSEFramer.feed_whole``), others ``feed``.
+        """
+        whole = framer.feed_whole(chunk)
+        if whole is not None:
+            return self.feed_whole(*whole) if whole[1] else None
+        frames = framer.feed(chunk)
+        return self.feed_all(frames) if frames else None
 
     def feed_whole(self, region: bytes, bodies: list[bytes]) -> bytes:
         """Process a run of whole frames (``SSEFramer.feed_whole``); return the client bytes.
