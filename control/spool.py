@@ -1,11 +1,13 @@
 """SQLite WAL spool: every record is written here first, in batches, off the event loop.
 
-``submit`` is synchronous and never blocks (it runs on the request path): it serialises the record
-and hands it to one writer thread that owns the database. The thread commits whatever has
-accumulated as one statement (one implicit transaction) per batch: immediately when someone waits
-in ``flush``, else after a short linger so an idle gateway still writes large batches. The spool
-is the buffer between the data plane and the host, so nothing is delivered that was not first
-made durable here.
+``submit`` is synchronous and never blocks (it runs on the request path): it serialises the record,
+gives it its sequence number and hands it to one writer thread that owns the database. The thread
+commits whatever has accumulated as one statement (one implicit transaction) per batch, after a
+short linger so that batches are large; at once when someone waits in ``flush``. ``persist``,
+which every response calls before its last byte, does not wait for that: it copies the records
+into the journal (``control.journal``, a memory-mapped file), and the next start replays whatever
+SQLite had not committed. The spool is the buffer between the data plane and the host, so nothing is
+delivered that was not first made durable here.
 
 Why a dedicated thread and one statement per batch: every call into sqlite3 releases the GIL and
 must win it back from a busy event loop, which can take a whole switch interval. Fewer calls per
@@ -28,6 +30,7 @@ from typing import Any, TypeVar
 
 import orjson
 
+from control.journal import Journal, read_journal
 from control.spool_file import Row, SpooledRecord, SpoolFile
 from gateway.metrics import (
     SPOOL_HIGH_WATERMARK,
@@ -79,6 +82,11 @@ class Spool:
         # cheap (no entropy syscall per record).
         self._id_prefix = uuid.uuid4().hex[:16]
         self._next_id = 0
+        # Loop side: sequence numbers are given on submit (the journal needs them).
+        self._next_seq = 1
+        self._journal: Journal | None = None
+        self._unjournaled: list[bytes] = []
+        self._journaled_through = 0
         # Loop side: counts and the flush waiters, (records submitted before, future) in order.
         self._submitted = 0
         self._written = 0
@@ -110,11 +118,31 @@ class Spool:
         self._signal = threading.Lock()
         self._signal.acquire()
 
+    @property
+    def journal_path(self) -> Path:
+        """The journal beside the database file."""
+        return self.path.with_name(self.path.name + ".journal")
+
     async def start(self) -> None:
-        """Open (or recover) the database and start the writer thread."""
+        """Open (or recover) the database, replay the journal, start the writer thread."""
         self._loop = asyncio.get_running_loop()
         opened = await asyncio.to_thread(SpoolFile.open, self.path)
         self._file, self.epoch, self.high_watermark, self.acked_through = opened
+        replayed = await asyncio.to_thread(self._replay_journal, self._file)
+        if replayed:
+            log.warning(
+                "usage journal replayed: records of the last run committed now",
+                extra={"records": replayed},
+            )
+        try:
+            self._journal = Journal(self.journal_path, self.epoch)
+        except OSError as exc:
+            log.error(
+                "usage journal unavailable: responses wait for the SQLite commit instead",
+                extra={"error": f"{type(exc).__name__}: {exc}"},
+            )
+        self._next_seq = self.high_watermark + 1
+        self._journaled_through = self.high_watermark
         SPOOL_HIGH_WATERMARK.set(self.high_watermark)
         self._thread = threading.Thread(target=self._writer, name="spool-writer", daemon=True)
         self._running = True
@@ -134,16 +162,18 @@ class Spool:
                     extra={"dropped_total": n, "kind": record.kind},
                 )
             return
-        self._next_id += 1
+        payload = orjson.dumps(record)
         row = (
-            None,
-            f"{self._id_prefix}-{self._next_id}",
+            self._next_seq,
+            self._new_id(),
             record.kind,
             record.interception_id,
             _created(record),
-            orjson.dumps(record),
+            payload,
         )
+        self._next_seq += 1
         self._submitted += 1
+        self._unjournaled.append(payload)
         self._rows.append(row)
         # The writer marks itself idle before it last looks at the deque, so a row appended
         # after that look always finds the flag set (no lost wake-up).
@@ -151,8 +181,37 @@ class Spool:
             self._idle = False
             self._wake()
 
+    def _new_id(self) -> str:
+        self._next_id += 1
+        return f"{self._id_prefix}-{self._next_id}"
+
+    async def persist(self) -> None:
+        """Make every record submitted so far survive the process being killed.
+
+        A copy into the journal, no wait. When the journal is full (SQLite is far behind) or
+        missing, this waits for the SQLite commit like ``flush``.
+        """
+        if self._unjournaled and not self._journal_records():
+            await self.flush()
+
+    def _journal_records(self) -> bool:
+        journal = self._journal
+        if journal is None:
+            return False
+        first = self._next_seq - len(self._unjournaled)
+        if not journal.append(first, self._unjournaled):
+            SPOOL_WRITE_PROBLEMS.labels("journal_full").inc()
+            return False
+        self._unjournaled = []
+        self._journaled_through = self._next_seq - 1
+        if self._stall_timer is None and self._loop is not None:
+            # Nobody waits for SQLite now, but a writer that stops committing must be noticed.
+            self._written_at_check = self._written
+            self._stall_timer = self._loop.call_later(self._flush_timeout, self._check_stall)
+        return True
+
     async def flush(self) -> None:
-        """Wait until every record submitted so far is committed to disk.
+        """Wait until every record submitted so far is committed to the SQLite file.
 
         Returns at once while the spool is ``degraded`` (it cannot write): a broken disk must
         not hold every response back. The records stay queued and are written on recovery.
@@ -160,9 +219,9 @@ class Spool:
         target = self._submitted
         if self._written >= target or self.degraded:
             return
-        await self._committed_through(target)
+        await self._wait_committed(target)
 
-    async def _committed_through(self, target: int) -> None:
+    async def _wait_committed(self, target: int) -> None:
         if not self._running or self._loop is None:
             raise RuntimeError("spool writer is not running")
         future = self._loop.create_future()
@@ -182,6 +241,8 @@ class Spool:
         """Write what is queued (for up to ``flush_timeout``), stop the writer, close the file."""
         if self._thread is None:
             return
+        if self._journal is not None and self._unjournaled:
+            self._journal_records()
         if self._thread.is_alive():
             await self._drain()
             try:
@@ -196,6 +257,26 @@ class Spool:
         self._wake()
         self._thread.join(timeout=5.0)
         self._thread = None
+        if self._journal is not None:
+            if self.high_watermark >= self._journaled_through:
+                self._journal.restart()
+            self._journal.close()
+            self._journal = None
+
+    def _replay_journal(self, file: SpoolFile) -> int:
+        """Commit the journal's records that SQLite does not have (killed before it did)."""
+        rows: list[Row] = []
+        for seq, line in read_journal(self.journal_path, self.epoch):
+            if seq <= self.high_watermark:
+                continue
+            try:
+                d = orjson.loads(line)
+                rows.append((seq, self._new_id(), d["kind"], d["interception_id"], _at(d), line))
+            except (orjson.JSONDecodeError, KeyError, TypeError):
+                log.error("usage journal holds an unreadable record: skipped", extra={"seq": seq})
+        for i in range(0, len(rows), _BATCH_MAX):
+            self.high_watermark = file.insert(rows[i : i + _BATCH_MAX])
+        return len(rows)
 
     async def _drain(self) -> None:
         # Even when degraded: the writer retries failed batches, give it flush_timeout.
@@ -206,9 +287,15 @@ class Spool:
             if left <= 0:
                 break
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._committed_through(target), left)
+                await asyncio.wait_for(self._wait_committed(target), left)
         lost = target - self._written
-        if lost > 0:
+        if lost > 0 and self._journal is not None:
+            log.error(
+                "usage spool closing with records it could not commit: kept in the journal,"
+                " committed at the next start",
+                extra={"records": lost},
+            )
+        elif lost > 0:
             self.dropped += lost
             USAGE_RECORDS_DROPPED.labels("shutdown").inc(lost)
             log.error(
@@ -282,6 +369,12 @@ class Spool:
         if high > self.high_watermark:
             self.high_watermark = high
             SPOOL_HIGH_WATERMARK.set(high)
+        if self._journal is not None and high >= self._journaled_through:
+            self._journal.restart()  # SQLite holds everything the journal does
+        # Records SQLite holds need no journaling (after a full journal, they piled up here).
+        excess = len(self._unjournaled) - (self._next_seq - 1 - high)
+        if excess > 0:
+            del self._unjournaled[:excess]
         waiters = self._waiters
         done = 0
         while done < len(waiters) and waiters[done][0] <= self._written:
@@ -293,7 +386,7 @@ class Spool:
 
     def _check_stall(self) -> None:
         self._stall_timer = None
-        if not self._waiters:
+        if not self._waiters and not self.pending:
             return
         if self._written == self._written_at_check:
             self._degrade("stall", f"no batch committed for {self._flush_timeout:g}s")
@@ -307,8 +400,8 @@ class Spool:
         if not self.degraded:
             self.degraded = True
             log.error(
-                "usage spool cannot write (%s): responses no longer wait for their records,"
-                " which stay queued in memory until the disk recovers",
+                "usage spool cannot write (%s): its records stay queued in memory (and in the"
+                " journal) until the disk recovers; no response waits for them",
                 detail,
                 extra={"reason": reason, "pending": self.pending},
             )
@@ -424,6 +517,14 @@ def _resolve(future: asyncio.Future[Any], result: Any) -> None:
 def _fail(future: asyncio.Future[Any], exc: BaseException) -> None:
     if not future.done():
         future.set_exception(exc)
+
+
+def _at(record: dict[str, Any]) -> float:
+    """The time stamp of a record decoded from JSON (see ``_created``)."""
+    for key in ("created_at", "started_at", "ended_at"):
+        if key in record:
+            return float(record[key])
+    return time.time()
 
 
 def _created(record: Record) -> float:

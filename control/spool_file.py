@@ -16,8 +16,8 @@ from typing import Any
 import orjson
 
 # No AUTOINCREMENT: it rewrites the sqlite_sequence page in every commit. Sequence numbers still
-# never go back: each batch's first row gets the next one explicitly (the rest follow it), and
-# the high watermark is kept in meta whenever rows are deleted.
+# never go back: the spool gives each record the next one explicitly, and the high watermark is
+# kept in meta whenever rows are deleted.
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS records (
     seq INTEGER PRIMARY KEY,
@@ -32,9 +32,9 @@ CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
 
 _INSERT = "INSERT INTO records (seq, record_id, kind, interception_id, created_at, payload) VALUES "
 _INSERTS: dict[int, str] = {}
-# (seq, record_id, kind, interception_id, created_at, payload), serialised on submit; seq is None
-# (the next rowid) but for a batch's first row.
-Row = tuple[int | None, str, str, str, float, bytes]
+# (seq, record_id, kind, interception_id, created_at, payload), serialised on submit, where the
+# sequence number is given too (the journal needs it).
+Row = tuple[int, str, str, str, float, bytes]
 
 
 @dataclass(frozen=True, slots=True)
@@ -88,12 +88,9 @@ class SpoolFile:
         if sql is None:
             # Kept, so the statement cache finds it by a string whose hash is already known.
             sql = _INSERTS[len(rows)] = _INSERT + ",".join(["(?,?,?,?,?,?)"] * len(rows))
-        # The first row's explicit seq; the others take the next rowids.
-        rows[0] = (self._seq + 1, *rows[0][1:])
         # Autocommit: the single multi-row statement is its own transaction.
-        cursor = self._db.execute(sql, list(chain.from_iterable(rows)))
-        # The rowid of the last row inserted: the batch's highest sequence number.
-        self._seq = int(cursor.lastrowid or 0)
+        self._db.execute(sql, list(chain.from_iterable(rows)))
+        self._seq = max(self._seq, rows[-1][0])
         return self._seq
 
     def select(self, seq: int, limit: int) -> list[SpooledRecord]:

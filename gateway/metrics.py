@@ -24,9 +24,10 @@ SPOOL_HIGH_WATERMARK = Gauge(
 )
 SPOOL_WRITE_PROBLEMS = Counter(
     "aibridged_usage_spool_write_problems_total",
-    "Spool batches that failed to commit (error) and waits where nothing committed for"
-    " spool_flush_timeout (stall); either way responses stop waiting for their records.",
-    ["reason"],  # error | stall
+    "Spool batches that failed to commit (error), spells of spool_flush_timeout with records"
+    " pending and nothing committed (stall), responses that found the journal full and waited"
+    " for SQLite (journal_full).",
+    ["reason"],  # error | stall | journal_full
     registry=REGISTRY,
 )
 USAGE_RECORDS_DELIVERED = Counter(

@@ -14,6 +14,6 @@ class UsageSink(Protocol):
         """Accept one record for durable storage."""
         ...
 
-    async def flush(self) -> None:
-        """Return once every record submitted so far is durable."""
+    async def persist(self) -> None:
+        """Return once every record submitted so far would survive the process being killed."""
         ...

@@ -106,7 +106,7 @@ class Interception:
         complete always has its records in the spool, even if the process is killed right after.
         """
         self.end()
-        await self.sink.flush()
+        await self.sink.persist()
 
     async def post(
         self, url: str, body: bytes, headers: CIMultiDict[str], max_retries: int

@@ -6,10 +6,12 @@ import logging
 import sqlite3
 from collections.abc import AsyncIterator
 from pathlib import Path
+from typing import Any
 
 import orjson
 import pytest
 
+from control.journal import Journal, read_journal
 from control.spool import Spool, SpooledRecord
 from gateway.records import (
     InterceptionEnded,
@@ -304,3 +306,70 @@ async def test_spool_created_with_autoincrement_continues_its_sequence(tmp_path:
         assert record.seq == 42
     finally:
         await spool.close()
+
+
+async def test_journal_replays_what_sqlite_never_committed(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """persist() returns before SQLite commits; a crash then loses nothing (next start replays)."""
+    path = tmp_path / "spool.db"
+    first = Spool(path)
+    await first.start()
+    assert first._file is not None and first._thread is not None and first._journal is not None
+
+    def broken(rows: list[Any]) -> int:
+        raise sqlite3.OperationalError("disk I/O error")
+
+    monkeypatch.setattr(first._file, "insert", broken)
+    records = [_record(i) for i in range(12)]
+    for r in records:
+        first.submit(r)
+    await first.persist()  # returns at once: nothing is committed, the journal holds them
+    assert first.pending == 12
+    # The process dies here: the writer stops without committing, the mapping goes away.
+    first._rows.clear()
+    first._stopping = True
+    first._wake()
+    first._thread.join(5)
+    if first._stall_timer is not None:
+        first._stall_timer.cancel()
+    first._journal.close()
+
+    second = Spool(path)
+    await second.start()
+    try:
+        stored = await second.read_after(0, 100)
+        assert [s.payload for s in stored] == [_expected(r) for r in records]
+        assert [s.seq for s in stored] == list(range(1, 13))
+        assert second.high_watermark == 12
+        # Replayed once only: a third start finds nothing more to replay.
+        second.submit(_record(12))
+        await second.persist()
+        await second.flush()
+    finally:
+        await second.close()
+    third = Spool(path)
+    await third.start()
+    try:
+        assert [s.seq for s in await third.read_after(0, 100)] == list(range(1, 14))
+    finally:
+        await third.close()
+
+
+def test_journal_reading_stops_at_a_torn_frame_and_ignores_another_epoch(tmp_path: Path) -> None:
+    path = tmp_path / "spool.db.journal"
+    journal = Journal(path, "epoch-a", size=1 << 16)
+    assert journal.append(1, [b'{"n":1}', b'{"n":2}'])
+    assert journal.append(3, [b'{"n":3}'])
+    journal.close()
+    assert read_journal(path, "epoch-a") == [(1, b'{"n":1}'), (2, b'{"n":2}'), (3, b'{"n":3}')]
+    assert read_journal(path, "epoch-b") == []
+
+    data = bytearray(path.read_bytes())
+    data[data.index(b'{"n":3}')] ^= 0xFF  # the last frame cut short by a crash
+    path.write_bytes(bytes(data))
+    assert read_journal(path, "epoch-a") == [(1, b'{"n":1}'), (2, b'{"n":2}')]
+
+    small = Journal(tmp_path / "small.journal", "e", size=256)
+    assert not small.append(1, [b"x" * 300])  # no room: the caller waits for SQLite instead
+    small.close()

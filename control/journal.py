@@ -1,0 +1,105 @@
+"""Memory-mapped journal beside the spool: records survive a crash before SQLite has them.
+
+A finished response must not reach the client before its records would survive the gateway
+being killed. Waiting for the SQLite commit for that held every response back for a batch
+commit on the writer thread (several GIL hand-offs, milliseconds under load). Instead the
+records are copied into this journal, a file mapped into memory: the mapped pages belong to the
+operating system's page cache, so once the copy is done a killed process loses nothing, and an
+append costs no system call. The writer thread commits the records to SQLite at its own pace;
+whatever it had not committed is replayed from here at the next start. Once SQLite holds
+everything in the journal, the next append starts again at the front.
+
+Layout: a header (magic, spool epoch), then frames ``<payload length, crc32, first seq>`` +
+payload: the records' JSON, one per line (compact JSON never contains a raw newline). Reading
+stops at the first frame that is empty, cut short or fails its checksum; frames left over from
+before a restart at the front hold only records SQLite already had.
+"""
+
+from __future__ import annotations
+
+import mmap
+import os
+import struct
+import zlib
+from pathlib import Path
+
+__all__ = ["Journal", "read_journal"]
+
+_MAGIC = b"AIBJ1"
+_HEAD = struct.Struct("<5s59s")  # magic, spool epoch (a UUID string, NUL padded)
+_FRAME = struct.Struct("<IIQ")
+
+
+class Journal:
+    """The mapped journal of one spool epoch; ``append`` is a memory copy."""
+
+    def __init__(self, path: Path, epoch: str, size: int = 32 << 20) -> None:
+        self.path = path
+        self.capacity = size
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        try:
+            # Emptied (it was replayed before this), then its blocks reserved: a store into a
+            # page never needs a new block, which on a full disk would kill the process
+            # (SIGBUS), and never reads the disk (reserved blocks read as zeros).
+            os.ftruncate(fd, 0)
+            os.posix_fallocate(fd, 0, size)
+            self._map = mmap.mmap(fd, size)
+        finally:
+            os.close(fd)
+        _HEAD.pack_into(self._map, 0, _MAGIC, epoch.encode())
+        self.end = _HEAD.size
+
+    def append(self, first_seq: int, records: list[bytes]) -> bool:
+        """Add one frame holding ``records`` (sequence numbers from ``first_seq`` on).
+
+        False when the journal has no room left (SQLite is far behind): not written.
+        """
+        payload = b"\n".join(records)
+        start = self.end + _FRAME.size
+        stop = start + len(payload)
+        if stop + _FRAME.size > self.capacity:
+            return False
+        m = self._map
+        m[start:stop] = payload
+        # The header last, and the next header zeroed: reading stops right after this frame.
+        _FRAME.pack_into(m, stop, 0, 0, 0)
+        _FRAME.pack_into(m, self.end, len(payload), zlib.crc32(payload), first_seq)
+        self.end = stop
+        return True
+
+    def restart(self) -> None:
+        """Append at the front again (SQLite holds everything written so far)."""
+        if self.end != _HEAD.size:
+            _FRAME.pack_into(self._map, _HEAD.size, 0, 0, 0)
+            self.end = _HEAD.size
+
+    def close(self) -> None:
+        """Unmap the file (its contents stay for the next start)."""
+        self._map.close()
+
+
+def read_journal(path: Path, epoch: str) -> list[tuple[int, bytes]]:
+    """``(seq, record JSON)`` of every record in the journal's intact frames, in order.
+
+    Empty when there is no journal or it belongs to another spool epoch (another file).
+    """
+    try:
+        data = path.read_bytes()
+    except FileNotFoundError:
+        return []
+    if len(data) < _HEAD.size:
+        return []
+    magic, owner = _HEAD.unpack_from(data, 0)
+    if magic != _MAGIC or owner.rstrip(b"\0") != epoch.encode():
+        return []
+    out: list[tuple[int, bytes]] = []
+    pos = _HEAD.size
+    while pos + _FRAME.size <= len(data):
+        length, crc, seq = _FRAME.unpack_from(data, pos)
+        start = pos + _FRAME.size
+        payload = data[start : start + length]
+        if length == 0 or len(payload) < length or zlib.crc32(payload) != crc:
+            break
+        out.extend((seq + i, line) for i, line in enumerate(payload.split(b"\n")))
+        pos = start + length
+    return out
