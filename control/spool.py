@@ -204,10 +204,8 @@ class Spool:
             return False
         self._unjournaled = []
         self._journaled_through = self._next_seq - 1
-        if self._stall_timer is None and self._loop is not None:
-            # Nobody waits for SQLite now, but a writer that stops committing must be noticed.
-            self._written_at_check = self._written
-            self._stall_timer = self._loop.call_later(self._flush_timeout, self._check_stall)
+        # Nobody waits for SQLite now, but a writer that stops committing must be noticed.
+        self._arm_stall_check()
         return True
 
     async def flush(self) -> None:
@@ -226,9 +224,7 @@ class Spool:
             raise RuntimeError("spool writer is not running")
         future = self._loop.create_future()
         self._waiters.append((target, future))
-        if self._stall_timer is None:
-            self._written_at_check = self._written
-            self._stall_timer = self._loop.call_later(self._flush_timeout, self._check_stall)
+        self._arm_stall_check()
         # Someone is waiting: the writer commits now instead of lingering for more records.
         # One wake-up per batch: later flushes find the flag already set.
         if not self._urgent:
@@ -241,7 +237,7 @@ class Spool:
         """Write what is queued (for up to ``flush_timeout``), stop the writer, close the file."""
         if self._thread is None:
             return
-        if self._journal is not None and self._unjournaled:
+        if self._unjournaled:
             self._journal_records()
         if self._thread.is_alive():
             await self._drain()
@@ -257,9 +253,7 @@ class Spool:
         self._wake()
         self._thread.join(timeout=5.0)
         self._thread = None
-        if self._journal is not None:
-            if self.high_watermark >= self._journaled_through:
-                self._journal.restart()
+        if self._journal is not None:  # already restarted by the last commit if SQLite caught up
             self._journal.close()
             self._journal = None
 
@@ -391,9 +385,13 @@ class Spool:
         if self._written == self._written_at_check:
             self._degrade("stall", f"no batch committed for {self._flush_timeout:g}s")
             return
-        assert self._loop is not None
-        self._written_at_check = self._written
-        self._stall_timer = self._loop.call_later(self._flush_timeout, self._check_stall)
+        self._arm_stall_check()
+
+    def _arm_stall_check(self) -> None:
+        # One timer at a time: it notes what is written now and checks for progress later.
+        if self._stall_timer is None and self._loop is not None:
+            self._written_at_check = self._written
+            self._stall_timer = self._loop.call_later(self._flush_timeout, self._check_stall)
 
     def _degrade(self, reason: str, detail: str) -> None:
         SPOOL_WRITE_PROBLEMS.labels(reason).inc()
