@@ -199,7 +199,7 @@ class Spool:
         if journal is None:
             return False
         first = self._next_seq - len(self._unjournaled)
-        if not journal.append(first, self._unjournaled):
+        if not journal.append(first, self._unjournaled, self.high_watermark):
             SPOOL_WRITE_PROBLEMS.labels("journal_full").inc()
             return False
         self._unjournaled = []

@@ -359,8 +359,8 @@ async def test_journal_replays_what_sqlite_never_committed(
 def test_journal_reading_stops_at_a_torn_frame_and_ignores_another_epoch(tmp_path: Path) -> None:
     path = tmp_path / "spool.db.journal"
     journal = Journal(path, "epoch-a", size=1 << 16)
-    assert journal.append(1, [b'{"n":1}', b'{"n":2}'])
-    assert journal.append(3, [b'{"n":3}'])
+    assert journal.append(1, [b'{"n":1}', b'{"n":2}'], committed=0)
+    assert journal.append(3, [b'{"n":3}'], committed=0)
     journal.close()
     assert read_journal(path, "epoch-a") == [(1, b'{"n":1}'), (2, b'{"n":2}'), (3, b'{"n":3}')]
     assert read_journal(path, "epoch-b") == []
@@ -371,5 +371,22 @@ def test_journal_reading_stops_at_a_torn_frame_and_ignores_another_epoch(tmp_pat
     assert read_journal(path, "epoch-a") == [(1, b'{"n":1}'), (2, b'{"n":2}')]
 
     small = Journal(tmp_path / "small.journal", "e", size=256)
-    assert not small.append(1, [b"x" * 300])  # no room: the caller waits for SQLite instead
+    assert not small.append(1, [b"x" * 300], committed=0)  # no room: the caller waits instead
     small.close()
+
+
+def test_journal_halves_take_turns_once_sqlite_holds_a_half(tmp_path: Path) -> None:
+    path = tmp_path / "spool.db.journal"
+    journal = Journal(path, "e", size=64 + 2 * 100)  # two halves of 100 bytes
+    record = b"r" * 20  # a 36-byte frame: two fit in a half with its end marker
+    assert journal.append(1, [record], committed=0)
+    assert journal.append(2, [record], committed=0)
+    assert journal.append(3, [record], committed=0)  # first half full: on to the second
+    assert journal.append(4, [record], committed=0)
+    # Second half full, and SQLite does not hold the first half's records yet: no room.
+    assert not journal.append(5, [record], committed=1)
+    assert [seq for seq, _ in read_journal(path, "e")] == [1, 2, 3, 4]
+    # Once it does, the first half is reused; what SQLite lacks is all still readable.
+    assert journal.append(5, [record], committed=2)
+    journal.close()
+    assert [seq for seq, _ in read_journal(path, "e")] == [3, 4, 5]
