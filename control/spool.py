@@ -22,7 +22,6 @@ import contextlib
 import logging
 import threading
 import time
-import uuid
 from collections import deque
 from collections.abc import Callable
 from pathlib import Path
@@ -31,7 +30,7 @@ from typing import Any, TypeVar
 import orjson
 
 from control.journal import Journal, read_journal
-from control.spool_file import Row, SpooledRecord, SpoolFile
+from control.spool_file import Entry, SpooledRecord, SpoolFile, record_time
 from gateway.metrics import (
     SPOOL_HIGH_WATERMARK,
     SPOOL_RECORDS,
@@ -78,11 +77,8 @@ class Spool:
         self._linger = linger
         self._written_event = asyncio.Event()
         self._acked_event = asyncio.Event()
-        # Record ids are this run's random prefix plus a counter: unique across restarts, and
-        # cheap (no entropy syscall per record).
-        self._id_prefix = uuid.uuid4().hex[:16]
-        self._next_id = 0
-        # Loop side: sequence numbers are given on submit (the journal needs them).
+        # Loop side: sequence numbers are given on submit (the journal needs them); a record's
+        # id is its spool epoch and sequence number.
         self._next_seq = 1
         self._journal: Journal | None = None
         self._unjournaled: list[bytes] = []
@@ -107,7 +103,7 @@ class Spool:
         # Shared with the writer thread without a lock (deques are thread-safe; each flag has
         # one writer per transition, see _writer_main). Waking the thread is one lock release,
         # and only when a flag says it is asleep.
-        self._rows: deque[Row] = deque()
+        self._rows: deque[Entry] = deque()
         self._jobs: deque[_Job] = deque()
         self._urgent = False
         self._idle = False
@@ -163,14 +159,7 @@ class Spool:
                 )
             return
         payload = orjson.dumps(record)
-        row = (
-            self._next_seq,
-            self._new_id(),
-            record.kind,
-            record.interception_id,
-            _created(record),
-            payload,
-        )
+        row = (self._next_seq, _created(record), payload)
         self._next_seq += 1
         self._submitted += 1
         self._unjournaled.append(payload)
@@ -180,10 +169,6 @@ class Spool:
         if self._idle:
             self._idle = False
             self._wake()
-
-    def _new_id(self) -> str:
-        self._next_id += 1
-        return f"{self._id_prefix}-{self._next_id}"
 
     async def persist(self) -> None:
         """Make every record submitted so far survive the process being killed.
@@ -259,14 +244,13 @@ class Spool:
 
     def _replay_journal(self, file: SpoolFile) -> int:
         """Commit the journal's records that SQLite does not have (killed before it did)."""
-        rows: list[Row] = []
+        rows: list[Entry] = []
         for seq, line in read_journal(self.journal_path, self.epoch):
             if seq <= self.high_watermark:
                 continue
             try:
-                d = orjson.loads(line)
-                rows.append((seq, self._new_id(), d["kind"], d["interception_id"], _at(d), line))
-            except (orjson.JSONDecodeError, KeyError, TypeError):
+                rows.append((seq, record_time(orjson.loads(line)), line))
+            except (orjson.JSONDecodeError, TypeError):
                 log.error("usage journal holds an unreadable record: skipped", extra={"seq": seq})
         for i in range(0, len(rows), _BATCH_MAX):
             self.high_watermark = file.insert(rows[i : i + _BATCH_MAX])
@@ -480,7 +464,7 @@ class Spool:
     def _sleep(self, timeout: float | None) -> None:
         self._signal.acquire(timeout=-1 if timeout is None else timeout)
 
-    def _write(self, file: SpoolFile, rows: list[Row]) -> bool:
+    def _write(self, file: SpoolFile, rows: list[Entry]) -> bool:
         try:
             high = file.insert(rows)
         except Exception as exc:
@@ -515,14 +499,6 @@ def _resolve(future: asyncio.Future[Any], result: Any) -> None:
 def _fail(future: asyncio.Future[Any], exc: BaseException) -> None:
     if not future.done():
         future.set_exception(exc)
-
-
-def _at(record: dict[str, Any]) -> float:
-    """The time stamp of a record decoded from JSON (see ``_created``)."""
-    for key in ("created_at", "started_at", "ended_at"):
-        if key in record:
-            return float(record[key])
-    return time.time()
 
 
 def _created(record: Record) -> float:

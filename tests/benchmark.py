@@ -582,7 +582,7 @@ def peak_rss_mib(pid: int) -> float:
 def count_records(spool: Path) -> dict[str, int]:
     db = sqlite3.connect(f"file:{spool}?mode=ro", uri=True)
     try:
-        rows = db.execute("SELECT kind, COUNT(*) FROM records GROUP BY kind").fetchall()
+        rows = db.execute("SELECT kind, COUNT(*) FROM spooled_records GROUP BY kind").fetchall()
     finally:
         db.close()
     return {str(kind): int(n) for kind, n in rows}

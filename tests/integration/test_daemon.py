@@ -54,10 +54,12 @@ async def test_sigterm_drains_in_flight_stream_and_exits_zero(
         async with aiohttp.ClientSession() as http, http.get(f"{daemon.root}/healthz"):
             pass
     db = sqlite3.connect(daemon.spool_path)
-    kinds = dict(db.execute("SELECT kind, COUNT(*) FROM records GROUP BY kind").fetchall())
+    kinds = dict(db.execute("SELECT kind, COUNT(*) FROM spooled_records GROUP BY kind").fetchall())
     ended = [
         orjson.loads(p)
-        for (p,) in db.execute("SELECT payload FROM records WHERE kind='interception_ended'")
+        for (p,) in db.execute(
+            "SELECT payload FROM spooled_records WHERE kind = 'interception_ended'"
+        )
     ]
     db.close()
     assert kinds == {
@@ -101,7 +103,7 @@ async def test_zero_config_personal_mode(tmp_path: Path, upstream: FakeUpstream)
         assert "personal mode" in log
         assert "sk-ant-my-own-key-0123456789" not in log
         db = sqlite3.connect(tmp_path / "aibridged.db")
-        (count,) = db.execute("SELECT COUNT(*) FROM records").fetchone()
+        (count,) = db.execute("SELECT COUNT(*) FROM spooled_records").fetchone()
         db.close()
         assert count == 4
     finally:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import sqlite3
+import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -390,3 +391,49 @@ def test_journal_halves_take_turns_once_sqlite_holds_a_half(tmp_path: Path) -> N
     assert journal.append(5, [record], committed=2)
     journal.close()
     assert [seq for seq, _ in read_journal(path, "e")] == [3, 4, 5]
+
+
+async def test_spool_of_one_record_per_row_is_carried_over(tmp_path: Path) -> None:
+    """A spool written by an earlier version, with records still unacknowledged."""
+    path = tmp_path / "spool.db"
+    old = [_record(0), _record(1)]
+    db = sqlite3.connect(path)
+    db.executescript(
+        """
+        CREATE TABLE records (
+            seq INTEGER PRIMARY KEY, record_id TEXT NOT NULL, kind TEXT NOT NULL,
+            interception_id TEXT NOT NULL, created_at REAL NOT NULL, payload BLOB NOT NULL);
+        CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+        INSERT INTO meta VALUES ('epoch', 'old-epoch');
+        """
+    )
+    for seq, r in zip((7, 8), old, strict=True):
+        db.execute(
+            "INSERT INTO records VALUES (?, ?, ?, ?, ?, ?)",
+            (seq, f"rid-{seq}", r.kind, r.interception_id, time.time(), orjson.dumps(r)),
+        )
+    db.commit()
+    db.close()
+
+    spool = Spool(path)
+    await spool.start()
+    try:
+        assert (spool.epoch, spool.high_watermark, spool.acked_through) == ("old-epoch", 8, 6)
+        new = _record(2)
+        spool.submit(new)
+        await spool.flush()
+        stored = await spool.read_after(0, 10)
+        assert [(s.seq, s.record_id) for s in stored] == [
+            (7, "rid-7"),
+            (8, "rid-8"),
+            (9, "old-epoch:9"),
+        ]
+        assert [s.payload for s in stored] == [_expected(r) for r in [*old, new]]
+        assert await spool.ack(8) == 2
+        assert [s.seq for s in await spool.read_after(0, 10)] == [9]
+    finally:
+        await spool.close()
+    db = sqlite3.connect(path)
+    view = db.execute("SELECT seq, record_id, kind FROM spooled_records").fetchall()
+    db.close()
+    assert view == [(9, "old-epoch:9", "prompt_usage")]
