@@ -27,7 +27,7 @@ CREATE TABLE IF NOT EXISTS records (
     seq INTEGER PRIMARY KEY,     -- sequence number of the row's first record
     count INTEGER NOT NULL,      -- records in the row: seq, seq + 1, ..., seq + count - 1
     created_at REAL NOT NULL,    -- time stamp of the row's first record (the age bound)
-    payload BLOB NOT NULL,       -- the records, a JSON array
+    payload BLOB NOT NULL,       -- the records, a JSON array with one record per line
     record_id TEXT               -- only on rows carried over from the one-record-per-row layout
 )"""
 _SCHEMA = f"""{_RECORDS};
@@ -105,7 +105,8 @@ class SpoolFile:
             # A row ends at its size limit, the batch's end, or a gap in the sequence numbers.
             if i == len(entries) or i - start == _ROW_MAX or entries[i][0] != entries[i - 1][0] + 1:
                 run = entries[start:i]
-                payload = b"[" + b",".join([e[2] for e in run]) + b"]"
+                # Compact JSON has no raw newline: a reader splits the records without parsing.
+                payload = b"[" + b",\n".join([e[2] for e in run]) + b"]"
                 params += (run[0][0], len(run), run[0][1], payload)
                 start = i
         rows = len(params) // 4
@@ -128,11 +129,12 @@ class SpoolFile:
             (after, limit + 1),  # + 1: the first row may hold nothing above ``after``
         )
         out: list[SpooledRecord] = []
-        for first, payload, legacy_id in cur.fetchall():
-            for i, record in enumerate(orjson.loads(payload)):
+        for first, payload, legacy_id in cur:  # rows fetched one by one: they can be large
+            lines = payload[1:-1].split(b",\n")
+            skip = max(0, after - first + 1)
+            for i in range(skip, min(len(lines), skip + limit - len(out))):
                 n = first + i
-                if n <= after:
-                    continue
+                record = orjson.loads(lines[i])
                 record_id = legacy_id or f"{self._epoch}:{n}"
                 kind, interception_id = record["kind"], record["interception_id"]
                 at = record_time(record)
@@ -233,7 +235,8 @@ def _upgrade_one_record_rows(db: sqlite3.Connection) -> None:
         db.execute(_RECORDS)
         db.execute(
             "INSERT INTO records (seq, count, created_at, payload, record_id)"
-            " SELECT seq, 1, created_at, '[' || CAST(payload AS TEXT) || ']', record_id"
+            " SELECT seq, 1, created_at, CAST('[' || CAST(payload AS TEXT) || ']' AS BLOB),"
+            " record_id"
             " FROM records_one_per_row"
         )
         db.execute("DROP TABLE records_one_per_row")
