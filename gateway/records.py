@@ -14,17 +14,13 @@ import time
 from dataclasses import dataclass, field
 from typing import Literal
 
-# Records are plain (not frozen) dataclasses: a frozen one pays an object.__setattr__ per field
-# at construction, several microseconds per request on the hot path. They are never mutated
-# after they are built.
+# Records are plain dataclasses, neither frozen nor slotted: a frozen one pays an
+# object.__setattr__ per field at construction, and orjson serialises an instance with a
+# __dict__ about 3.5x faster than a slotted one (it reads the dict instead of looking up each
+# field). They are never mutated after they are built.
 
 CredentialKind = Literal["centralized", "byok"]
 EndStatus = Literal["completed", "failed", "client_disconnected"]
-
-
-def now() -> float:
-    """Wall-clock time in seconds since the epoch, as stamped on records."""
-    return time.time()
 
 
 def new_interception_id() -> str:
@@ -43,7 +39,7 @@ _V4_CLEAR = ~((0xF << 76) | (0x3 << 62))
 _V4_SET = (0x4 << 76) | (0x2 << 62)
 
 
-@dataclass(slots=True)
+@dataclass
 class InterceptionStarted:
     """Written before the first upstream call of an interception."""
 
@@ -61,11 +57,11 @@ class InterceptionStarted:
     credential_kind: CredentialKind
     credential_hint: str
     streaming: bool
-    started_at: float = field(default_factory=now)
+    started_at: float = field(default_factory=time.time)
     kind: Literal["interception_started"] = "interception_started"
 
 
-@dataclass(slots=True)
+@dataclass
 class InterceptionEnded:
     """Written once per started interception, on success, failure or client disconnect."""
 
@@ -74,11 +70,11 @@ class InterceptionEnded:
     error_type: str = ""
     error_message: str = ""
     upstream_status: int = 0
-    ended_at: float = field(default_factory=now)
+    ended_at: float = field(default_factory=time.time)
     kind: Literal["interception_ended"] = "interception_ended"
 
 
-@dataclass(slots=True)
+@dataclass
 class TokenUsage:
     """Token usage of one upstream message (final, cumulative values; never summed twice)."""
 
@@ -91,22 +87,22 @@ class TokenUsage:
     cache_write_5m: int = 0
     cache_write_1h: int = 0
     extra: dict[str, int] = field(default_factory=dict)
-    created_at: float = field(default_factory=now)
+    created_at: float = field(default_factory=time.time)
     kind: Literal["token_usage"] = "token_usage"
 
 
-@dataclass(slots=True)
+@dataclass
 class PromptUsage:
     """The last user prompt of the request, once per interception."""
 
     interception_id: str
     msg_id: str
     prompt: str
-    created_at: float = field(default_factory=now)
+    created_at: float = field(default_factory=time.time)
     kind: Literal["prompt_usage"] = "prompt_usage"
 
 
-@dataclass(slots=True)
+@dataclass
 class ToolUsage:
     """A tool call the model made: a client tool relayed as-is, or an injected MCP tool run here."""
 
@@ -118,11 +114,11 @@ class ToolUsage:
     injected: bool = False
     server_url: str = ""
     invocation_error: str = ""
-    created_at: float = field(default_factory=now)
+    created_at: float = field(default_factory=time.time)
     kind: Literal["tool_usage"] = "tool_usage"
 
 
-@dataclass(slots=True)
+@dataclass
 class ModelThought:
     """A reasoning text the model produced (Anthropic ``thinking`` blocks)."""
 
@@ -130,7 +126,7 @@ class ModelThought:
     msg_id: str
     content: str
     source: str = "thinking"
-    created_at: float = field(default_factory=now)
+    created_at: float = field(default_factory=time.time)
     kind: Literal["model_thought"] = "model_thought"
 
 
