@@ -30,14 +30,14 @@ from typing import Any, TypeVar
 import orjson
 
 from control.journal import Journal, read_journal
-from control.spool_file import Entry, SpooledRecord, SpoolFile, record_time
+from control.spool_file import Run, SpooledRecord, SpoolFile, record_time
 from gateway.metrics import (
     SPOOL_HIGH_WATERMARK,
     SPOOL_RECORDS,
     SPOOL_WRITE_PROBLEMS,
     USAGE_RECORDS_DROPPED,
 )
-from gateway.records import InterceptionEnded, InterceptionStarted, Record
+from gateway.records import Record
 
 __all__ = ["Spool", "SpooledRecord"]
 
@@ -77,9 +77,10 @@ class Spool:
         self._linger = linger
         self._written_event = asyncio.Event()
         self._acked_event = asyncio.Event()
-        # Loop side: sequence numbers are given on submit (the journal needs them); a record's
-        # id is its spool epoch and sequence number.
-        self._next_seq = 1
+        # A record's sequence number is implied by its position: the n-th record submitted since
+        # start (from 0) gets _seq_base + 1 + n, on both sides (the journal needs them on the
+        # loop side, the writer thread counts its own). A record's id is epoch:seq.
+        self._seq_base = 0
         self._journal: Journal | None = None
         self._unjournaled: list[bytes] = []
         self._journaled_through = 0
@@ -103,7 +104,8 @@ class Spool:
         # Shared with the writer thread without a lock (deques are thread-safe; each flag has
         # one writer per transition, see _writer_main). Waking the thread is one lock release,
         # and only when a flag says it is asleep.
-        self._rows: deque[Entry] = deque()
+        self._rows: deque[bytes] = deque()
+        self._writer_seq = 1
         self._jobs: deque[_Job] = deque()
         self._urgent = False
         self._idle = False
@@ -137,7 +139,8 @@ class Spool:
                 "usage journal unavailable: responses wait for the SQLite commit instead",
                 extra={"error": f"{type(exc).__name__}: {exc}"},
             )
-        self._next_seq = self.high_watermark + 1
+        self._seq_base = self.high_watermark
+        self._writer_seq = self.high_watermark + 1
         self._journaled_through = self.high_watermark
         SPOOL_HIGH_WATERMARK.set(self.high_watermark)
         self._thread = threading.Thread(target=self._writer, name="spool-writer", daemon=True)
@@ -158,12 +161,12 @@ class Spool:
                     extra={"dropped_total": n, "kind": record.kind},
                 )
             return
+        # Only the serialised record is kept (once, in both queues): no per-record tuple or
+        # time stamp, the sequence number is implied (see _seq_base).
         payload = orjson.dumps(record)
-        row = (self._next_seq, _created(record), payload)
-        self._next_seq += 1
         self._submitted += 1
         self._unjournaled.append(payload)
-        self._rows.append(row)
+        self._rows.append(payload)
         # The writer marks itself idle before it last looks at the deque, so a row appended
         # after that look always finds the flag set (no lost wake-up).
         if self._idle:
@@ -183,12 +186,14 @@ class Spool:
         journal = self._journal
         if journal is None:
             return False
-        first = self._next_seq - len(self._unjournaled)
-        if not journal.append(first, self._unjournaled, self.high_watermark):
+        last = self._seq_base + self._submitted
+        if not journal.append(
+            last - len(self._unjournaled) + 1, self._unjournaled, self.high_watermark
+        ):
             SPOOL_WRITE_PROBLEMS.labels("journal_full").inc()
             return False
         self._unjournaled = []
-        self._journaled_through = self._next_seq - 1
+        self._journaled_through = last
         # Nobody waits for SQLite now, but a writer that stops committing must be noticed.
         self._arm_stall_check()
         return True
@@ -244,17 +249,25 @@ class Spool:
 
     def _replay_journal(self, file: SpoolFile) -> int:
         """Commit the journal's records that SQLite does not have (killed before it did)."""
-        rows: list[Entry] = []
+        runs: list[Run] = []
+        replayed = 0
         for seq, line in read_journal(self.journal_path, self.epoch):
             if seq <= self.high_watermark:
                 continue
             try:
-                rows.append((seq, record_time(orjson.loads(line)), line))
+                created_at = record_time(orjson.loads(line))
             except (orjson.JSONDecodeError, TypeError):
                 log.error("usage journal holds an unreadable record: skipped", extra={"seq": seq})
-        for i in range(0, len(rows), _BATCH_MAX):
-            self.high_watermark = file.insert(rows[i : i + _BATCH_MAX])
-        return len(rows)
+                continue
+            last = runs[-1] if runs else None
+            if last is not None and last[0] + len(last[2]) == seq and len(last[2]) < _BATCH_MAX:
+                last[2].append(line)
+            else:
+                runs.append((seq, created_at, [line]))
+            replayed += 1
+        for run in runs:
+            self.high_watermark = file.insert([run])
+        return replayed
 
     async def _drain(self) -> None:
         # Even when degraded: the writer retries failed batches, give it flush_timeout.
@@ -350,7 +363,7 @@ class Spool:
         if self._journal is not None and high >= self._journaled_through:
             self._journal.restart()  # SQLite holds everything the journal does
         # Records SQLite holds need no journaling (after a full journal, they piled up here).
-        excess = len(self._unjournaled) - (self._next_seq - 1 - high)
+        excess = len(self._unjournaled) - (self._seq_base + self._submitted - high)
         if excess > 0:
             del self._unjournaled[:excess]
         waiters = self._waiters
@@ -464,9 +477,9 @@ class Spool:
     def _sleep(self, timeout: float | None) -> None:
         self._signal.acquire(timeout=-1 if timeout is None else timeout)
 
-    def _write(self, file: SpoolFile, rows: list[Entry]) -> bool:
+    def _write(self, file: SpoolFile, rows: list[bytes]) -> bool:
         try:
-            high = file.insert(rows)
+            high = file.insert([(self._writer_seq, time.time(), rows)])
         except Exception as exc:
             if not self._write_failing:  # one traceback per outage, not one per retry
                 log.exception("usage spool write failed; retrying the batch every second")
@@ -476,6 +489,7 @@ class Spool:
             time.sleep(1.0)
             return False
         self._write_failing = False
+        self._writer_seq += len(rows)
         self._post(self._committed, len(rows), high)
         return True
 
@@ -499,11 +513,3 @@ def _resolve(future: asyncio.Future[Any], result: Any) -> None:
 def _fail(future: asyncio.Future[Any], exc: BaseException) -> None:
     if not future.done():
         future.set_exception(exc)
-
-
-def _created(record: Record) -> float:
-    if isinstance(record, InterceptionStarted):
-        return record.started_at
-    if isinstance(record, InterceptionEnded):
-        return record.ended_at
-    return record.created_at

@@ -26,7 +26,7 @@ _RECORDS = """
 CREATE TABLE IF NOT EXISTS records (
     seq INTEGER PRIMARY KEY,     -- sequence number of the row's first record
     count INTEGER NOT NULL,      -- records in the row: seq, seq + 1, ..., seq + count - 1
-    created_at REAL NOT NULL,    -- time stamp of the row's first record (the age bound)
+    created_at REAL NOT NULL,    -- when the row's records were spooled (the age bound)
     payload BLOB NOT NULL,       -- the records, a JSON array with one record per line
     record_id TEXT               -- only on rows carried over from the one-record-per-row layout
 )"""
@@ -48,8 +48,8 @@ _INSERT = "INSERT INTO records (seq, count, created_at, payload) VALUES "
 _INSERTS: dict[int, str] = {}
 # Records per row at most: a reader paging with a small limit parses a whole row.
 _ROW_MAX = 256
-# (seq, created_at, JSON object): a record as the spool queues it.
-Entry = tuple[int, float, bytes]
+# (first seq, created_at, JSON objects): a run of records with consecutive sequence numbers.
+Run = tuple[int, float, list[bytes]]
 
 
 @dataclass(frozen=True, slots=True)
@@ -97,18 +97,14 @@ class SpoolFile:
         """Close the connection."""
         self._db.close()
 
-    def insert(self, entries: list[Entry]) -> int:
-        """Write ``entries`` in one statement (one transaction); the highest seq now stored."""
+    def insert(self, runs: list[Run]) -> int:
+        """Write ``runs`` in one statement (one transaction); the highest seq now stored."""
         params: list[Any] = []
-        start = 0
-        for i in range(1, len(entries) + 1):
-            # A row ends at its size limit, the batch's end, or a gap in the sequence numbers.
-            if i == len(entries) or i - start == _ROW_MAX or entries[i][0] != entries[i - 1][0] + 1:
-                run = entries[start:i]
+        for first, created_at, records in runs:
+            for i in range(0, len(records), _ROW_MAX):
+                part = records[i : i + _ROW_MAX]
                 # Compact JSON has no raw newline: a reader splits the records without parsing.
-                payload = b"[" + b",\n".join([e[2] for e in run]) + b"]"
-                params += (run[0][0], len(run), run[0][1], payload)
-                start = i
+                params += (first + i, len(part), created_at, b"[" + b",\n".join(part) + b"]")
         rows = len(params) // 4
         sql = _INSERTS.get(rows)
         if sql is None:
@@ -116,7 +112,8 @@ class SpoolFile:
             sql = _INSERTS[rows] = _INSERT + ",".join(["(?,?,?,?)"] * rows)
         # Autocommit: the single multi-row statement is its own transaction.
         self._db.execute(sql, params)
-        self._seq = max(self._seq, entries[-1][0])
+        first, _, records = runs[-1]
+        self._seq = max(self._seq, first + len(records) - 1)
         return self._seq
 
     def select(self, seq: int, limit: int) -> list[SpooledRecord]:
@@ -205,7 +202,7 @@ class SpoolFile:
 
 
 def record_time(record: dict[str, Any]) -> float:
-    """A decoded record's time stamp (each kind has one of these; see spool's ``_created``)."""
+    """A decoded record's time stamp (each kind has one of these)."""
     for key in ("created_at", "started_at", "ended_at"):
         if key in record:
             return float(record[key])
