@@ -11,6 +11,7 @@ import re
 from collections.abc import Mapping
 
 import orjson
+from multidict import CIMultiDict, CIMultiDictProxy
 
 __all__ = [
     "client_session_id",
@@ -102,6 +103,9 @@ def extract_bearer(value: str | None) -> str:
     return fields[1]
 
 
+_CASE_INSENSITIVE = (CIMultiDictProxy, CIMultiDict)
+
+
 def _header(headers: Mapping[str, str], name: str) -> str | None:
     """Case-insensitive lookup of ``name`` (lower case) without copying the headers.
 
@@ -125,20 +129,42 @@ def _clean(value: object) -> str | None:
     return stripped or None
 
 
+# The client each User-Agent names ("" for none), as it was decided: clients send the same
+# User-Agent on every request. Bounded: past the limit, new values are decided each time.
+_UA_CLIENTS: dict[str, str] = {}
+_UA_LIMIT = 1024
+
+
+def _client_from_user_agent(user_agent: str) -> str:
+    client = _UA_CLIENTS.get(user_agent)
+    if client is None:
+        lowered = user_agent.lower()
+        client = next((c for prefix, c in _UA_PREFIXES if lowered.startswith(prefix)), "")
+        if len(_UA_CLIENTS) < _UA_LIMIT:
+            _UA_CLIENTS[user_agent] = client
+    return client
+
+
 def detect_client(headers: Mapping[str, str]) -> str:
     """Name the AI client that sent a request, or ``"Unknown"``.
 
     Header names are looked up case-insensitively. User-Agent prefixes are checked first,
     then the Originator header, then Cursor's version header.
     """
-    user_agent = (_header(headers, "user-agent") or "").lower()
-    for prefix, client in _UA_PREFIXES:
-        if user_agent.startswith(prefix):
+    # aiohttp's headers are already case-insensitive: no fallback scan needed.
+    direct = isinstance(headers, _CASE_INSENSITIVE)
+    user_agent = headers.get("user-agent") if direct else _header(headers, "user-agent")
+    if user_agent:
+        client = _client_from_user_agent(user_agent)
+        if client:
             return client
-    originator = _ORIGINATORS.get(_header(headers, "originator") or "")
+    originator = headers.get("originator") if direct else _header(headers, "originator")
     if originator is not None:
-        return originator
-    if _clean(_header(headers, "x-cursor-client-version")) is not None:
+        named = _ORIGINATORS.get(originator)
+        if named is not None:
+            return named
+    name = "x-cursor-client-version"
+    if _clean(headers.get(name) if direct else _header(headers, name)) is not None:
         return "Cursor"
     return "Unknown"
 

@@ -10,6 +10,7 @@ import hmac
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
+from hashlib import sha256
 from types import MappingProxyType
 from typing import Any
 
@@ -108,7 +109,7 @@ class Snapshot:
 
     def find_key(self, presented: str) -> ClientKey | None:
         """The gateway key matching ``presented``, compared by hash in constant time."""
-        digest = sha256_hex(presented)
+        digest = sha256(presented.encode()).hexdigest()  # sha256_hex, inlined
         found = self.keys.get(digest)
         if found is not None and hmac.compare_digest(found.sha256, digest):
             return found

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import functools
 import logging
 import re
@@ -94,6 +95,7 @@ def build_app(
     async def upstream_session(_: web.Application) -> AsyncIterator[None]:
         session = make_session(settings.upstream_connect_timeout, settings.upstream_idle_timeout)
         session_ref.append(session)
+        services.loop_ref.append(asyncio.get_running_loop())
         yield
         await session.close()
 

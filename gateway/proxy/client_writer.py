@@ -16,10 +16,17 @@ CLIENT_GONE = (ConnectionResetError, aiohttp.ClientConnectionResetError)
 class OnClientLeft:
     """What happens to the upstream when the client disconnects: drain (bounded) or cancel."""
 
-    def __init__(self, resp: aiohttp.ClientResponse, mode: str, drain_timeout: float) -> None:
+    def __init__(
+        self,
+        resp: aiohttp.ClientResponse,
+        mode: str,
+        drain_timeout: float,
+        loop: asyncio.AbstractEventLoop,
+    ) -> None:
         self.resp = resp
         self._mode = mode
         self._drain_timeout = drain_timeout
+        self._loop = loop
         self._timer: asyncio.TimerHandle | None = None
         self.timed_out = False
 
@@ -28,7 +35,7 @@ class OnClientLeft:
             # Closing the upstream connection is what stops generation (and billing).
             self.resp.close()
             return
-        self._timer = asyncio.get_running_loop().call_later(self._drain_timeout, self._expire)
+        self._timer = self._loop.call_later(self._drain_timeout, self._expire)
 
     def _expire(self) -> None:
         self.timed_out = True
@@ -43,15 +50,20 @@ class ClientWriter:
     """Writes to the client, sends pings after silence, and notices when the client is gone."""
 
     def __init__(
-        self, out: web.StreamResponse, ping_interval: float, on_gone: Callable[[], None]
+        self,
+        out: web.StreamResponse,
+        ping_interval: float,
+        on_gone: Callable[[], None],
+        loop: asyncio.AbstractEventLoop,
     ) -> None:
+        """``loop``: the running loop (passed in: asking for it costs a syscall per stream)."""
         self.out = out
         self.gone = False
         self.closed = False
         self._on_gone = on_gone
         self._interval = ping_interval
-        self._loop = asyncio.get_running_loop()
-        self._last_write = self._loop.time()
+        self._loop = loop
+        self._last_write = loop.time()
         self._timer: asyncio.TimerHandle | None = None
         self._ping_task: asyncio.Task[None] | None = None
 

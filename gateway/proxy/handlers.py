@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import aiohttp
 import orjson
@@ -43,6 +43,8 @@ class Services:
     mcp_pool: McpPool | None = None
     small_model: re.Pattern[str] = re.compile("haiku", re.IGNORECASE)
     max_tool_iterations: int = 10
+    # The serving loop, set with the session (asking asyncio for it costs a syscall each time).
+    loop_ref: list[asyncio.AbstractEventLoop] = field(default_factory=list)
 
     @property
     def session(self) -> aiohttp.ClientSession:
@@ -87,7 +89,10 @@ def anthropic_error(status: int, message: str, error_type: str | None = None) ->
 
 def resolve_provider(services: Services, request: web.Request) -> Provider | web.Response:
     """The provider named by the route prefix, or a 404 (503 before the host's first push)."""
-    snapshot = services.state.current
+    return _provider_in(services.state.current, request)
+
+
+def _provider_in(snapshot: Snapshot, request: web.Request) -> Provider | web.Response:
     if not snapshot.configured:
         return anthropic_error(
             503, "gateway not configured yet: waiting for the control plane's first state push"
@@ -97,6 +102,19 @@ def resolve_provider(services: Services, request: web.Request) -> Provider | web
     if provider is None or provider.type != "anthropic":
         return anthropic_error(404, f"route not supported: {request.method} {request.path}")
     return provider
+
+
+# Each provider's Messages URL, by base URL (joined once, not per request). Bounded.
+_messages_urls: dict[str, str] = {}
+
+
+def _messages_url(base_url: str, query: str) -> str:
+    url = _messages_urls.get(base_url)
+    if url is None:
+        if len(_messages_urls) >= 256:
+            _messages_urls.clear()
+        url = _messages_urls[base_url] = join_url(base_url, "/v1/messages")
+    return f"{url}?{query}" if query else url
 
 
 async def read_body(services: Services, request: web.Request) -> bytes | web.Response:
@@ -112,13 +130,14 @@ async def read_body(services: Services, request: web.Request) -> bytes | web.Res
 
 async def messages(services: Services, request: web.Request) -> web.StreamResponse:
     """``POST /{provider}/v1/messages``: the intercepted Anthropic Messages API."""
-    provider = resolve_provider(services, request)
+    snapshot = services.state.current
+    provider = _provider_in(snapshot, request)
     if isinstance(provider, web.Response):
         return provider
     if request.method != "POST":
         return anthropic_error(405, f"method {request.method} not allowed on {request.path}")
-    snapshot = services.state.current
-    auth = authenticate(request.headers, snapshot, provider, services.byok_header)
+    request_headers = request.headers
+    auth = authenticate(request_headers, snapshot, provider, services.byok_header)
     if not isinstance(auth, Authenticated):
         return anthropic_error(auth.status, auth.message)
     body = await read_body(services, request)
@@ -130,35 +149,41 @@ async def messages(services: Services, request: web.Request) -> web.StreamRespon
         return anthropic_error(exc.status, exc.message)
 
     interception_id = new_interception_id()
-    client = detect_client(request.headers)
-    services.sink.submit(
+    client = detect_client(request_headers)
+    actor = auth.actor
+    credential = auth.credential
+    sink = services.sink
+    sink.submit(
         InterceptionStarted(
             interception_id=interception_id,
             provider=provider.type,
             provider_name=provider.name,
             model=parsed.model,
-            actor_id=auth.actor.id,
-            username=auth.actor.username,
-            actor_metadata=dict(auth.actor.metadata),
+            actor_id=actor.id,
+            username=actor.username,
+            actor_metadata=dict(actor.metadata),
             client=client,
-            user_agent=request.headers.get("User-Agent", ""),
-            client_session_id=client_session_id(client, request.headers, parsed.parsed),
+            user_agent=request_headers.get("User-Agent", ""),
+            client_session_id=client_session_id(client, request_headers, parsed.parsed),
             correlating_tool_call_id=parsed.correlating_tool_call_id,
-            credential_kind=auth.credential.kind,
-            credential_hint=auth.credential.hint,
+            credential_kind=credential.kind,
+            credential_hint=credential.hint,
             streaming=parsed.stream,
         )
     )
-    icpt = Interception(interception_id, services.sink, services.session, services.relay)
-    headers = upstream_request_headers(
-        request.headers,
-        auth.credential,
-        services.stripped_headers,
-        actor=auth.actor if provider.send_actor_headers else None,
-    )
-    icpt.target(
-        join_url(provider.base_url, "/v1/messages", request.query_string),
-        headers,
+    icpt = Interception(
+        interception_id,
+        sink,
+        services.session_ref[0],
+        services.relay,
+        services.loop_ref[0],
+        _messages_url(provider.base_url, request.query_string),
+        upstream_request_headers(
+            request_headers,
+            credential,
+            services.stripped_headers,
+            actor=actor if provider.send_actor_headers else None,
+        ),
         provider.max_retries,
     )
     try:

@@ -22,7 +22,7 @@ from gateway.intercept.messages.blocking import BlockingTurns
 from gateway.intercept.messages.stream import MessagesStream
 from gateway.ports import UsageSink
 from gateway.proxy.client_writer import CLIENT_GONE, ClientWriter, OnClientLeft
-from gateway.proxy.upstream import relayed_response_headers
+from gateway.proxy.upstream import relayed_header_items
 from gateway.records import EndStatus, InterceptionEnded
 from gateway.retry import retry_delay, should_retry
 from gateway.sse import FrameTooLarge, SSEFramer
@@ -31,6 +31,9 @@ if TYPE_CHECKING:
     from gateway.proxy.tool_loop import ToolLoop
 
 log = logging.getLogger("aibridged.relay")
+
+# Set on every relayed stream (never relayed from upstream: see ``relayed_header_items``).
+_STREAM_HEADERS = (("Cache-Control", "no-cache"), ("X-Accel-Buffering", "no"))
 
 # Raised by aiohttp when the upstream connection breaks before or during the response.
 UPSTREAM_ERRORS = (aiohttp.ClientError, asyncio.TimeoutError, OSError)
@@ -70,24 +73,23 @@ class Interception:
         sink: UsageSink,
         session: aiohttp.ClientSession,
         options: RelayOptions,
+        loop: asyncio.AbstractEventLoop,
+        url: str,
+        headers: CIMultiDict[str],
+        max_retries: int,
     ) -> None:
+        """``url``, ``headers`` and ``max_retries``: where this interception's upstream calls go
+        (the first and every continuation)."""
         self.id = interception_id
         self.sink = sink
         self.session = session
         self.options = options
+        self.loop = loop
         self.outcome = Outcome()
         self._ended = False
-        self._url = ""
-        self._headers: CIMultiDict[str] = CIMultiDict()
-        self._max_retries = 0
-
-    def target(self, url: str, headers: CIMultiDict[str], max_retries: int) -> None:
-        """Where this interception's upstream calls go (the first and every continuation)."""
-        self._url, self._headers, self._max_retries = url, headers, max_retries
-
-    async def post_again(self, body: bytes) -> aiohttp.ClientResponse:
-        """POST ``body`` to the interception's upstream endpoint (retries included)."""
-        return await self.post(self._url, body, self._headers, self._max_retries)
+        self._url = url
+        self._headers = headers
+        self._max_retries = max_retries
 
     def end(self) -> None:
         """Write the end record (once, synchronously: it must survive handler cancellation)."""
@@ -108,15 +110,21 @@ class Interception:
         self.end()
         await self.sink.persist()
 
-    async def post(
-        self, url: str, body: bytes, headers: CIMultiDict[str], max_retries: int
-    ) -> aiohttp.ClientResponse:
-        """POST upstream, retrying (before anything reached the client) per ``gateway.retry``."""
+    async def post_again(self, body: bytes) -> aiohttp.ClientResponse:
+        """POST ``body`` to the interception's upstream endpoint, retrying (before anything
+        reached the client) per ``gateway.retry``."""
+        url, headers, max_retries = self._url, self._headers, self._max_retries
+        post = self.session.post
         attempt = 0
         while True:
             delay_headers: Mapping[str, str] = {}
             try:
-                resp = await self._send(url, body, headers)
+                try:
+                    resp = await post(url, data=body, headers=headers, auto_decompress=True)
+                except (aiohttp.ServerDisconnectedError, aiohttp.ClientOSError):
+                    # A stale pooled connection fails before any byte of the response: always
+                    # safe to retry once, whatever the retry budget.
+                    resp = await post(url, data=body, headers=headers, auto_decompress=True)
             except UPSTREAM_ERRORS:
                 if attempt >= max_retries:
                     raise
@@ -132,16 +140,6 @@ class Interception:
                 extra={"interception_id": self.id, "attempt": attempt, "delay": round(delay, 3)},
             )
             await asyncio.sleep(delay)
-
-    async def _send(
-        self, url: str, body: bytes, headers: CIMultiDict[str]
-    ) -> aiohttp.ClientResponse:
-        try:
-            return await self.session.post(url, data=body, headers=headers, auto_decompress=True)
-        except (aiohttp.ServerDisconnectedError, aiohttp.ClientOSError):
-            # A stale pooled connection fails before any byte of the response: always safe to
-            # retry once, whatever the retry budget.
-            return await self.session.post(url, data=body, headers=headers, auto_decompress=True)
 
     def unreachable(self, exc: BaseException) -> web.Response:
         """The upstream could not be reached: 502 in Anthropic's shape."""
@@ -214,15 +212,18 @@ class Interception:
     ) -> web.StreamResponse:
         """Relay an SSE stream event by event, with keep-alive pings and disconnect handling."""
         self.outcome.upstream_status = resp.status
-        headers = _relayed(resp)
-        headers["Content-Type"] = resp.headers.get("Content-Type", "text/event-stream")
-        headers["Cache-Control"] = "no-cache"
-        headers["X-Accel-Buffering"] = "no"
+        up_headers = resp.headers
+        # None of these three is allow-listed, so they are added, not replaced.
+        headers = relayed_header_items(up_headers)
+        headers.append(("Content-Type", up_headers.get("Content-Type", "text/event-stream")))
+        headers += _STREAM_HEADERS
         out = web.StreamResponse(status=200, headers=headers)
+        options = self.options
+        loop = self.loop
         left = OnClientLeft(
-            resp, self.options.on_client_disconnect, self.options.disconnect_drain_timeout
+            resp, options.on_client_disconnect, options.disconnect_drain_timeout, loop
         )
-        writer = ClientWriter(out, self.options.ping_interval, left)
+        writer = ClientWriter(out, options.ping_interval, left, loop)
         try:
             await out.prepare(request)
         except CLIENT_GONE:
@@ -322,8 +323,8 @@ class Continuation(Protocol):
         ...
 
 
-def _relayed(resp: aiohttp.ClientResponse) -> CIMultiDict[str]:
-    return relayed_response_headers(resp.headers)
+def _relayed(resp: aiohttp.ClientResponse) -> list[tuple[str, str]]:
+    return relayed_header_items(resp.headers)
 
 
 def _json(status: int, body: bytes) -> web.Response:

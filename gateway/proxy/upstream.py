@@ -46,6 +46,32 @@ def stripped_headers(*extra: str) -> frozenset[str]:
     return _STRIP_REQUEST | {h.lower() for h in extra}
 
 
+# Hop-by-hop, cookie and credential names every strip set must hold: the gateway then adds its
+# own Accept-Encoding and provider auth header without looking for a client's copy.
+_ALWAYS_STRIPPED = frozenset({"accept-encoding", "authorization", "x-api-key"})
+_ACTOR_PREFIX = "x-ai-bridge-actor"
+
+# Whether a header name (as the client spelled it) is forwarded, per strip set. Clients send the
+# same few names on every request, so this replaces a lower() and two tests per header with one
+# dict lookup. Bounded: names past the limit are decided each time, never stored.
+_NAME_LIMIT = 1024
+_forwarded_names: dict[frozenset[str], dict[str, bool]] = {}
+
+
+def _forwarded_for(strip: frozenset[str]) -> dict[str, bool]:
+    names = _forwarded_names.get(strip)
+    if names is None:
+        if len(_forwarded_names) >= 16:
+            _forwarded_names.clear()
+        names = _forwarded_names[strip] = {}
+    return names
+
+
+def _forwarded(name: str, strip: frozenset[str]) -> bool:
+    lowered = name.lower()
+    return lowered not in strip and not lowered.startswith(_ACTOR_PREFIX)
+
+
 def upstream_request_headers(
     client_headers: CIMultiDictProxy[str],
     credential: Credential,
@@ -55,20 +81,33 @@ def upstream_request_headers(
     """Client headers minus ``strip`` (see ``stripped_headers``), hop-by-hop headers and every
     client credential, plus exactly one provider auth header."""
     connection = client_headers.get("connection")
+    names: dict[str, bool] | None = None
     if connection:
         # Headers named in Connection are hop-by-hop too (RFC 9110 7.6.1).
         named = {token.strip().lower() for token in connection.split(",")} - {""}
         if not named <= strip:
             strip = strip | named
-    headers: CIMultiDict[str] = CIMultiDict()
+            names = {}  # a one-off strip set: decided here, not remembered
+    if names is None:
+        names = _forwarded_for(strip)
+    kept: list[tuple[str, str]] = []
     for name, value in client_headers.items():
-        lowered = name.lower()
-        if lowered in strip or lowered.startswith("x-ai-bridge-actor"):
-            continue
-        headers.add(name, value)
+        forward = names.get(name)
+        if forward is None:
+            forward = _forwarded(name, strip)
+            if len(names) < _NAME_LIMIT:
+                names[name] = forward
+        if forward:
+            kept.append((name, value))
     # Identity keeps each streamed chunk relayable at once (no inflate window holding bytes).
-    headers["Accept-Encoding"] = "identity"
-    headers[credential.header] = credential.value
+    kept.append(("Accept-Encoding", "identity"))
+    headers: CIMultiDict[str] = CIMultiDict(kept)
+    if strip >= _ALWAYS_STRIPPED:
+        # No client copy survived the strip: exactly one provider auth header.
+        headers.add(credential.header, credential.value)
+    else:
+        headers["Accept-Encoding"] = "identity"
+        headers[credential.header] = credential.value
     if actor is not None:
         headers["X-AI-Bridge-Actor-Id"] = actor.id
         for key, value in actor.metadata.items():
@@ -76,14 +115,29 @@ def upstream_request_headers(
     return headers
 
 
+# Whether an upstream response header name is relayed (see ``_forwarded_names``).
+_relayed_names: dict[str, bool] = {}
+
+
+def relayed_header_items(upstream: Mapping[str, str]) -> list[tuple[str, str]]:
+    """The allow-listed subset of an upstream response's headers, as (name, value) pairs."""
+    names = _relayed_names
+    out: list[tuple[str, str]] = []
+    for name, value in upstream.items():
+        relay = names.get(name)
+        if relay is None:
+            lowered = name.lower()
+            relay = lowered in _RELAY_RESPONSE or lowered.startswith(_RELAY_RESPONSE_PREFIXES)
+            if len(names) < _NAME_LIMIT:
+                names[name] = relay
+        if relay:
+            out.append((name, value))
+    return out
+
+
 def relayed_response_headers(upstream: Mapping[str, str]) -> CIMultiDict[str]:
     """The allow-listed subset of an upstream response's headers."""
-    out: CIMultiDict[str] = CIMultiDict()
-    for name, value in upstream.items():
-        lowered = name.lower()
-        if lowered in _RELAY_RESPONSE or lowered.startswith(_RELAY_RESPONSE_PREFIXES):
-            out.add(name, value)
-    return out
+    return CIMultiDict(relayed_header_items(upstream))
 
 
 def join_url(base_url: str, path: str, query: str = "") -> str:

@@ -34,13 +34,17 @@ class MessagesRequest:
     correlating_tool_call_id: str | None
 
 
+_ONLY_OBJECTS = frozenset({dict})  # orjson builds every JSON object as exactly a dict
+
+
 def parse_request(body: bytes) -> MessagesRequest:
     """Validate ``body``; raise :class:`RequestError` (400) naming the offending field."""
-    if not body.strip():
-        raise RequestError(400, "request body is empty: expected a JSON object")
     try:
         parsed = orjson.loads(body)
     except orjson.JSONDecodeError as exc:
+        # Only a body that failed to parse can be blank: checked here, not on every request.
+        if not body.strip():
+            raise RequestError(400, "request body is empty: expected a JSON object") from None
         raise RequestError(400, f"request body is not valid JSON: {exc}") from None
     if not isinstance(parsed, dict):
         raise RequestError(400, "request body must be a JSON object")
@@ -54,23 +58,28 @@ def parse_request(body: bytes) -> MessagesRequest:
         raise RequestError(400, "messages: field required")
     if not isinstance(messages, list):
         raise RequestError(400, "messages: expected an array")
-    for i, message in enumerate(messages):
-        if not isinstance(message, dict):
-            raise RequestError(400, f"messages.{i}: expected an object")
+    if not _ONLY_OBJECTS.issuperset(map(type, messages)):
+        for i, message in enumerate(messages):
+            if not isinstance(message, dict):
+                raise RequestError(400, f"messages.{i}: expected an object")
     stream = parsed.get("stream", False)
-    if not isinstance(stream, bool):
+    if stream is not False and stream is not True:
         raise RequestError(400, "stream: expected a boolean")
     max_tokens = parsed.get("max_tokens")
     if max_tokens is not None and (isinstance(max_tokens, bool) or not isinstance(max_tokens, int)):
         raise RequestError(400, "max_tokens: expected an integer")
-    return MessagesRequest(
-        body=body,
-        parsed=parsed,
-        model=model,
-        stream=stream,
-        prompt=last_user_prompt(messages),
-        correlating_tool_call_id=correlating_tool_call_id(messages),
-    )
+    prompt: str | None = None
+    tool_call_id: str | None = None
+    if messages:
+        last = messages[-1]
+        content = last.get("content")
+        if isinstance(content, str):
+            if last.get("role") == "user":
+                prompt = content
+        elif isinstance(content, list):
+            prompt = last_user_prompt(messages)
+            tool_call_id = correlating_tool_call_id(messages)
+    return MessagesRequest(body, parsed, model, stream, prompt, tool_call_id)
 
 
 def last_user_prompt(messages: list[Any]) -> str | None:
