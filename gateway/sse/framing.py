@@ -25,10 +25,12 @@ class Frame:
 
     __slots__ = ("_data", "_event", "raw")
 
-    def __init__(self, raw: bytes) -> None:
+    def __init__(self, raw: bytes, data: bytes | None = None) -> None:
+        # ``data``: the payload when the caller already knows it (``MessagesStream`` finds it
+        # with the frame); it must equal what the ``data`` property would return.
         self.raw = raw
         self._event: str | None = None
-        self._data: bytes | None = None
+        self._data = data
 
     def __repr__(self) -> str:
         return f"Frame({self.raw!r})"
@@ -156,6 +158,31 @@ class SSEFramer:
         self._buf += rest
         self._scan = len(rest)
         return chunk[: len(chunk) - len(rest)], bodies
+
+    def feed_region(self, chunk: bytes) -> bytes | None:
+        """Like ``feed_whole`` without splitting: return only ``region`` (maybe ``b""``).
+
+        ``None`` when ``feed`` must be used (something is buffered, or carriage returns).
+        """
+        if self._buf or self._has_cr or b"\r" in chunk:
+            return None
+        i = chunk.rfind(b"\n\n")
+        if i < 0:
+            rest = chunk
+        elif i and chunk[i - 1] == 10:
+            # The last delimiter ends a run of more than two line feeds: only a left-to-right
+            # split knows which of them end frames.
+            rest = chunk.split(b"\n\n")[-1]
+        else:
+            i += 2
+            if i == len(chunk):
+                return chunk
+            rest = chunk[i:]
+        if len(rest) > self._max:
+            raise FrameTooLarge(f"SSE event larger than {self._max} bytes")
+        self._buf += rest
+        self._scan = len(rest)
+        return chunk[: len(chunk) - len(rest)]
 
     def flush(self) -> Frame | None:
         """Return what is left at end of stream (an unterminated last event), if anything."""

@@ -239,3 +239,58 @@ def test_data_fast_path_agrees_with_the_line_parser(raw: bytes) -> None:
     slow._parse()
     assert fast.data == slow.data
     assert fast.event == slow.event
+
+
+def _frame_region(data: bytes, cuts: list[int]) -> list[bytes]:
+    """Frame with ``feed_region`` when it applies, ``feed`` otherwise (as the relay does)."""
+    framer = SSEFramer()
+    raws: list[bytes] = []
+    for chunk in _chunks(data, cuts):
+        region = framer.feed_region(chunk)
+        if region is None:
+            raws.extend(f.raw for f in framer.feed(chunk))
+            continue
+        raws.extend(body + b"\n\n" for body in region.split(b"\n\n")[:-1])
+    rest = framer.flush()
+    if rest is not None:
+        raws.append(rest.raw)
+    return raws
+
+
+@pytest.mark.parametrize(("name", "data"), STREAMS, ids=STREAM_IDS)
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(cuts=CUTS)
+def test_feed_region_mixed_with_feed_frames_like_feed(
+    name: str, data: bytes, cuts: list[int]
+) -> None:
+    assert _frame_region(data, cuts) == [f.raw for f in _frame_all(data, cuts)]
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    data=st.lists(st.sampled_from([b"\n", b"a", b"event: x", b"\n\n", b"data: 1"])).map(b"".join),
+    cuts=CUTS,
+)
+def test_feed_region_agrees_with_feed_whole_on_blank_line_runs(
+    data: bytes, cuts: list[int]
+) -> None:
+    assert _frame_region(data, cuts) == [f.raw for f in _frame_all(data, cuts)]
+    whole = SSEFramer().feed_whole(data)
+    framer = SSEFramer()
+    region = framer.feed_region(data)
+    assert whole is not None
+    assert region == whole[0]
+    assert framer.pending == len(data) - len(region)
+
+
+def test_feed_region_declines_carriage_returns_and_buffered_bytes() -> None:
+    framer = SSEFramer()
+    assert framer.feed_region(b"event: ping\r\ndata: {}\r\n\r\n") is None
+    framer = SSEFramer()
+    chunk = b"event: ping\ndata: {}\n\n"
+    assert framer.feed_region(chunk) is chunk
+    assert framer.feed_region(b"event: pi") == b""
+    assert framer.pending == len(b"event: pi")
+    assert framer.feed_region(b"ng\ndata: {}\n\n") is None
+    with pytest.raises(FrameTooLarge):
+        SSEFramer(max_frame_bytes=16).feed_region(b"event: ping\n\n" + b"data: " + b"x" * 32)

@@ -14,6 +14,7 @@ from anthropic.types import RawMessageStreamEvent
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from gateway.intercept.messages.rewrite_id import replace_id
 from gateway.intercept.messages.stream import MessagesStream, StreamError
 from gateway.records import ModelThought, PromptUsage, Record, TokenUsage, ToolUsage
 from gateway.sse import Frame, SSEFramer, encode
@@ -224,6 +225,108 @@ def test_fast_path_skips_nothing_it_must_see() -> None:
     assert out == chunk.replace(b'"msg_1"', orjson.dumps(IID))
     assert [(t.msg_id, t.content) for t in _of(records, ModelThought)] == [("msg_1", "hmm")]
     assert [(u.input, u.output) for u in _of(records, TokenUsage)] == [(3, 9)]
+
+
+_MSG_START = (
+    b'data: {"type":"message_start","message":{"id":"msg_1","usage":{"input_tokens":3,'
+    b'"output_tokens":1,"cache_creation":{"ephemeral_5m_input_tokens":2}}}}'
+)
+_THINKING_START = (
+    b'data: {"type":"content_block_start","index":1,'
+    b'"content_block":{"type":"thinking","thinking":""}}'
+)
+_TOOL_START = (
+    b'data: {"type":"content_block_start","index":2,"content_block":{"type":"tool_use",'
+    b'"id":"toolu_1","name":"add","input":{}}}'
+)
+# Frames of every kind, standard and odd (names with trailing spaces, no space after the colon,
+# data before the event line, comments, several data lines, blank-line runs): the whole-frame
+# fast path must treat each exactly as frame-by-frame feeding does.
+_ODD_FRAMES = [
+    b"event: message_start\n" + _MSG_START + b"\n\n",
+    b"event: message_start \n" + _MSG_START + b"  \n\n",
+    b": hello\nevent: message_start\n" + _MSG_START + b"\n\n",
+    b'event: content_block_start\ndata: {"type":"content_block_start","index":0,'
+    b'"content_block":{"type":"text","text":""}}\n\n',
+    b"event: content_block_start\n" + _THINKING_START + b"\n\n",
+    b"event:content_block_start\n" + _THINKING_START + b"\n\n",
+    b"event: content_block_start\n" + _TOOL_START + b"\n\n",
+    b'event: content_block_delta\ndata: {"type":"content_block_delta","index":1,'
+    b'"delta":{"type":"thinking_delta","thinking":"hmm"}}\n\n',
+    b'event: content_block_delta \ndata: {"type":"content_block_delta","index":1,'
+    b'"delta":{"type":"thinking_delta","thinking":"odd"}}\n\n',
+    b'data: {"type":"content_block_delta","index":2,"delta":{"type":"input_json_delta",'
+    b'"partial_json":"{\\"a\\":"}}\nevent: content_block_delta\n\n',
+    b'event: content_block_delta\ndata: {"type":"content_block_delta","index":2,\n'
+    b'data: "delta":{"type":"input_json_delta","partial_json":"1}"}}\n\n',
+    b'event: content_block_delta\ndata: {"type":"content_block_delta","index":0,'
+    b'"delta":{"type":"text_delta","text":"hi"}}\n\n',
+    b'event: content_block_stop\ndata: {"type":"content_block_stop","index":1}\n\n',
+    b'event: content_block_stop\ndata: {"type":"content_block_stop","index":2}   \n\n',
+    b'event: content_block_stop\ndata: {"type":"content_block_stop","index":0}\n\n',
+    b'event: ping\ndata: {"type": "ping"}\n\n',
+    b"event: ping \n\n",
+    b": keep-alive\n\n",
+    b"\n",
+    b"event: ping",
+    b"event: content_block_delta\n\n",
+    b'event: unknown\ndata: {"type":"unknown"}\n\n',
+    b'event: message_delta\ndata: {"type":"message_delta","delta":{},'
+    b'"usage":{"output_tokens":9,"input_tokens":true}}\n\n',
+    b'event: message_delta\ndata: {"type":"message_delta","usage":{"output_tokens":12}}\n\n',
+    b'event: message_stop\ndata: {"type":"message_stop"}\n\n',
+    b'data: {"type":"message_stop"}\nevent: message_stop\n\n',
+    b'event: error\ndata: {"type":"error","error":{"type":"overloaded_error",'
+    b'"message":"busy"}}\n\n',
+    b"event: error\ndata: not json\n\n",
+]
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    picks=st.lists(st.integers(min_value=0, max_value=len(_ODD_FRAMES) - 1), max_size=24),
+    cuts=st.lists(st.integers(min_value=0, max_value=1 << 20), max_size=6),
+    injected=st.booleans(),
+)
+def test_fast_path_matches_frame_by_frame_on_odd_frames(
+    picks: list[int], cuts: list[int], injected: bool
+) -> None:
+    data = b"".join(_ODD_FRAMES[i] for i in picks)
+    points = sorted({c % (len(data) + 1) for c in cuts})
+    chunks = [data[a:b] for a, b in pairwise([0, *points, len(data)])]
+    tools = (lambda name: name == "add") if injected else None
+    expected = MessagesStream(IID, PROMPT, tools)
+    expected_out = bytearray()
+    expected_records: list[Record] = []
+    for frame in _frames(data):
+        expected_out += expected.feed(frame)
+        expected_records.extend(expected.take_records())
+    expected_records.extend(expected.finish())
+    for pieces in ([data], chunks):
+        stream, out, records = _relay_chunks(pieces, tools)
+        assert out == expected_out
+        assert _untimed(records) == _untimed(expected_records)
+        assert stream.message_stopped == expected.message_stopped
+        assert stream.error == expected.error
+
+
+@pytest.mark.parametrize(
+    ("raw", "expected"),
+    [
+        (b'{"id":"msg_1","x":1}', b'{"id":"NEW","x":1}'),
+        (b'{"id":"msg_1","x":"msg_1"}', None),
+        (b'{"id":"msg_2"}', None),
+        (b'{"id":"a\\"","x":"a\\"a\\""}', None),
+        # Occurrences overlapping the first do not count (like ``bytes.count``).
+        (b'"a\\""a\\""', b'"NEW"a\\""'),
+    ],
+)
+def test_replace_id(raw: bytes, expected: bytes | None) -> None:
+    old = "msg_1" if b"msg_" in raw else 'a"'
+    assert replace_id(raw, old, "NEW") == expected
+    quoted = orjson.dumps(old)
+    if raw.count(quoted) == 1:
+        assert expected == raw.replace(quoted, b'"NEW"', 1)
 
 
 # -- records against the SDK oracle -----------------------------------------------------------

@@ -13,6 +13,11 @@ def replace_id(raw: bytes, old_id: str, new_id: str) -> bytes | None:
     spelling) exactly as the provider sent it.
     """
     quoted = orjson.dumps(old_id)
-    if raw.count(quoted) != 1:
+    i = raw.find(quoted)
+    if i < 0:
         return None
-    return raw.replace(quoted, orjson.dumps(new_id), 1)
+    end = i + len(quoted)
+    # A second occurrence from the end of the first (like ``count``, not overlapping).
+    if raw.find(quoted, end) >= 0:
+        return None
+    return b"".join((raw[:i], orjson.dumps(new_id), raw[end:]))

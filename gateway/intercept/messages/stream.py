@@ -15,6 +15,7 @@ to an event that did not have it, except the cumulative usage fields of that fin
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -32,6 +33,22 @@ _TRACKED_BLOCKS = frozenset({"thinking", "tool_use", "server_tool_use"})
 # while no tracked block (thinking, tool use) is open.
 _PASS = frozenset({b"ping"})
 _PASS_UNTRACKED = frozenset({b"content_block_delta", b"content_block_stop"})
+# Scanning a region of whole frames (``SSEFramer.feed_region``): each pattern matches, empty, at
+# the start of a frame the rewriter must see; the others pass as they are. Group 1 is the event
+# name and group 2 the data payload when the frame has the standard layout ``event: NAME\ndata:
+# PAYLOAD\n\n`` (exactly what ``Frame.event`` and ``Frame.data`` would return then); the frame ends
+# at its first blank line, as ``bytes.split`` cuts it. ``_SCAN*`` find frames after the delimiter
+# ending the frame before, ``_FIRST*`` match the region's first frame: the literal prefix of
+# ``_SCAN*`` keeps the search in C (``\A|\n\n`` would try a match at every byte). The ``_ALL``
+# patterns skip only pings: while a tracked block is open, or with injected tools, every block
+# event counts.
+_HEAD = rb"(?=event: ([a-z_]+)\n(?:data: ([^\n]*)\n\n)?|)"
+_SKIP = rb"(?!event: (?:ping|content_block_delta|content_block_stop)\n|\Z)" + _HEAD
+_SKIP_ALL = rb"(?!event: ping\n|\Z)" + _HEAD
+_FIRST = re.compile(_SKIP)
+_FIRST_ALL = re.compile(_SKIP_ALL)
+_SCAN = re.compile(rb"\n\n" + _SKIP)
+_SCAN_ALL = re.compile(rb"\n\n" + _SKIP_ALL)
 
 
 @dataclass(slots=True)
@@ -110,11 +127,11 @@ class MessagesStream:
     def feed_chunk(self, framer: SSEFramer, chunk: bytes) -> bytes | None:
         """Frame ``chunk`` and process what it completes: the client bytes, or None if nothing.
 
-        Whole-frame chunks take the fast path (``SSEFramer.feed_whole``), others ``feed``.
+        Whole-frame chunks take the fast path (``SSEFramer.feed_region``), others ``feed``.
         """
-        whole = framer.feed_whole(chunk)
-        if whole is not None:
-            return self.feed_whole(*whole) if whole[1] else None
+        region = framer.feed_region(chunk)
+        if region is not None:
+            return self._feed_region(region) if region else None
         frames = framer.feed(chunk)
         return self.feed_all(frames) if frames else None
 
@@ -151,6 +168,53 @@ class MessagesStream:
             done = end
         pieces.append(region[done:])
         return b"".join(pieces)
+
+    def _feed_region(self, region: bytes) -> bytes:
+        """Process a run of whole frames (``SSEFramer.feed_region``); return the client bytes.
+
+        Like ``feed_whole`` without splitting: the frames to look at are found with a regex scan
+        (``_SCAN``) and the others (text deltas, pings, the end of an untracked block) pass with
+        no per-frame Python work; when no frame changes, ``region`` itself is returned.
+        """
+        edits: list[tuple[int, int, bytes]] = []
+        every = self._acc is not None or bool(self._open)
+        pos = 0
+        m = (_FIRST_ALL if every else _FIRST).match(region)
+        if m is not None:
+            pos = self._feed_match(region, m, edits)
+        while True:
+            every = self._acc is not None or bool(self._open)
+            for m in (_SCAN_ALL if every else _SCAN).finditer(region, pos):
+                pos = self._feed_match(region, m, edits)
+                if every is not (self._acc is not None or bool(self._open)):
+                    break  # a tracked block opened or closed: go on with the other scan
+            else:
+                break
+        if not edits:
+            return region
+        pieces = []
+        done = 0
+        for start, end, out in edits:
+            pieces.append(region[done:start])
+            pieces.append(out)
+            done = end
+        pieces.append(region[done:])
+        return b"".join(pieces)
+
+    def _feed_match(
+        self, region: bytes, m: re.Match[bytes], edits: list[tuple[int, int, bytes]]
+    ) -> int:
+        """Feed the frame starting where ``m`` ends; return the position of its delimiter."""
+        start = m.end()
+        data = m[2]
+        end = m.end(2) if data is not None else region.find(b"\n\n", start)
+        frame = Frame(region[start : end + 2], data)
+        name = m[1]
+        handler = _BY_NAME.get(name) if name is not None else None
+        out = handler(self, frame) if handler is not None else self.feed(frame)
+        if out is not frame.raw:
+            edits.append((start, end + 2, out))
+        return end
 
     def take_records(self) -> list[Record]:
         """Records produced since the last call, in order."""
@@ -406,6 +470,9 @@ _HANDLERS: dict[str, Callable[[MessagesStream, Frame], bytes]] = {
     "content_block_stop": MessagesStream._block_stop,
     "error": MessagesStream._error,
 }
+
+# The same, keyed by the event name's bytes (``_feed_region``).
+_BY_NAME = {name.encode(): handler for name, handler in _HANDLERS.items()}
 
 
 def _loads(data: bytes) -> dict[str, Any] | None:

@@ -26,18 +26,35 @@ class MessageUsage:
     extra: dict[str, int] = field(default_factory=dict)
 
     def update(self, usage: Any) -> None:
-        """Take the cumulative values present in ``usage``; absent fields keep their value."""
+        """Take the cumulative values present in ``usage``; absent fields keep their value.
+
+        A value counts when it is an ``int`` and not a ``bool``. The checks are inlined (the
+        exact-``int`` test first): this runs for every ``message_start`` and ``message_delta``.
+        """
         if not isinstance(usage, dict):
             return
-        self.input = _int(usage.get("input_tokens"), self.input)
-        self.output = _int(usage.get("output_tokens"), self.output)
-        self.cache_read = _int(usage.get("cache_read_input_tokens"), self.cache_read)
-        self.cache_write = _int(usage.get("cache_creation_input_tokens"), self.cache_write)
-        split = usage.get("cache_creation")
+        get = usage.get
+        v = get("input_tokens")
+        if type(v) is int or (isinstance(v, int) and not isinstance(v, bool)):
+            self.input = v
+        v = get("output_tokens")
+        if type(v) is int or (isinstance(v, int) and not isinstance(v, bool)):
+            self.output = v
+        v = get("cache_read_input_tokens")
+        if type(v) is int or (isinstance(v, int) and not isinstance(v, bool)):
+            self.cache_read = v
+        v = get("cache_creation_input_tokens")
+        if type(v) is int or (isinstance(v, int) and not isinstance(v, bool)):
+            self.cache_write = v
+        split = get("cache_creation")
         if isinstance(split, dict):
-            self.cache_write_5m = _int(split.get("ephemeral_5m_input_tokens"), self.cache_write_5m)
-            self.cache_write_1h = _int(split.get("ephemeral_1h_input_tokens"), self.cache_write_1h)
-        server_tools = usage.get("server_tool_use")
+            v = split.get("ephemeral_5m_input_tokens")
+            if type(v) is int or (isinstance(v, int) and not isinstance(v, bool)):
+                self.cache_write_5m = v
+            v = split.get("ephemeral_1h_input_tokens")
+            if type(v) is int or (isinstance(v, int) and not isinstance(v, bool)):
+                self.cache_write_1h = v
+        server_tools = get("server_tool_use")
         if isinstance(server_tools, dict):
             for name, value in server_tools.items():
                 if isinstance(value, int) and not isinstance(value, bool):
@@ -80,9 +97,3 @@ class MessageUsage:
             cache_write_1h=self.cache_write_1h,
             extra=dict(self.extra),
         )
-
-
-def _int(value: Any, default: int) -> int:
-    if isinstance(value, int) and not isinstance(value, bool):
-        return value
-    return default
