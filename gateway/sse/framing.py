@@ -139,30 +139,13 @@ class SSEFramer:
             raise FrameTooLarge(f"SSE event larger than {self._max} bytes")
         return frames
 
-    def feed_whole(self, chunk: bytes) -> tuple[bytes, list[bytes]] | None:
+    def feed_region(self, chunk: bytes) -> bytes | None:
         """Fast path for the common chunk: whole frames delimited by a bare blank line.
 
-        When nothing is buffered and the stream has no carriage returns, return ``(region,
-        bodies)``: ``region`` is the run of complete frames at the start of ``chunk`` (exact
-        bytes) and ``bodies`` its frames without their ``\n\n`` delimiter, found with one split.
-        A trailing partial frame is buffered as ``feed`` would. ``None``: use ``feed``.
-        """
-        if self._buf or self._has_cr or b"\r" in chunk:
-            return None
-        bodies = chunk.split(b"\n\n")
-        rest = bodies.pop()
-        if not rest:
-            return chunk, bodies
-        if len(rest) > self._max:
-            raise FrameTooLarge(f"SSE event larger than {self._max} bytes")
-        self._buf += rest
-        self._scan = len(rest)
-        return chunk[: len(chunk) - len(rest)], bodies
-
-    def feed_region(self, chunk: bytes) -> bytes | None:
-        """Like ``feed_whole`` without splitting: return only ``region`` (maybe ``b""``).
-
-        ``None`` when ``feed`` must be used (something is buffered, or carriage returns).
+        When nothing is buffered and the stream has no carriage returns, return the run of
+        complete frames at the start of ``chunk`` (exact bytes, maybe ``b""``), not split: the
+        caller scans it. A trailing partial frame is buffered as ``feed`` would. ``None``: use
+        ``feed``.
         """
         if self._buf or self._has_cr or b"\r" in chunk:
             return None

@@ -175,53 +175,6 @@ def test_frame_equality_and_hash() -> None:
     assert a != Frame(b"data: 2\n\n")
 
 
-def _frame_fast(data: bytes, cuts: list[int]) -> list[bytes]:
-    """Frame like the relay does: ``feed_whole`` when it applies, ``feed`` otherwise."""
-    framer = SSEFramer()
-    raws: list[bytes] = []
-    for chunk in _chunks(data, cuts):
-        whole = framer.feed_whole(chunk)
-        if whole is None:
-            raws.extend(f.raw for f in framer.feed(chunk))
-            continue
-        region, bodies = whole
-        assert region == b"".join(body + b"\n\n" for body in bodies)
-        raws.extend(body + b"\n\n" for body in bodies)
-    rest = framer.flush()
-    if rest is not None:
-        raws.append(rest.raw)
-    return raws
-
-
-@pytest.mark.parametrize(("name", "data"), STREAMS, ids=STREAM_IDS)
-@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(cuts=CUTS)
-def test_feed_whole_mixed_with_feed_frames_like_feed(
-    name: str, data: bytes, cuts: list[int]
-) -> None:
-    assert _frame_fast(data, cuts) == [f.raw for f in _frame_all(data, cuts)]
-
-
-def test_feed_whole_declines_carriage_returns_and_buffered_bytes() -> None:
-    framer = SSEFramer()
-    assert framer.feed_whole(b"event: ping\r\ndata: {}\r\n\r\n") is None
-    framer = SSEFramer()
-    assert framer.feed_whole(b"event: ping\ndata: {}\n\nevent: pi") == (
-        b"event: ping\ndata: {}\n\n",
-        [b"event: ping\ndata: {}"],
-    )
-    assert framer.pending == len(b"event: pi")
-    # Bytes are buffered: the rest of that frame must go through feed.
-    assert framer.feed_whole(b"ng\ndata: {}\n\n") is None
-    assert [f.raw for f in framer.feed(b"ng\ndata: {}\n\n")] == [b"event: ping\ndata: {}\n\n"]
-
-
-def test_feed_whole_partial_frame_over_limit() -> None:
-    framer = SSEFramer(max_frame_bytes=16)
-    with pytest.raises(FrameTooLarge):
-        framer.feed_whole(b"event: ping\n\n" + b"data: " + b"x" * 32)
-
-
 @pytest.mark.parametrize(
     "raw",
     [
@@ -271,16 +224,14 @@ def test_feed_region_mixed_with_feed_frames_like_feed(
     data=st.lists(st.sampled_from([b"\n", b"a", b"event: x", b"\n\n", b"data: 1"])).map(b"".join),
     cuts=CUTS,
 )
-def test_feed_region_agrees_with_feed_whole_on_blank_line_runs(
-    data: bytes, cuts: list[int]
-) -> None:
+def test_feed_region_agrees_with_feed_on_blank_line_runs(data: bytes, cuts: list[int]) -> None:
     assert _frame_region(data, cuts) == [f.raw for f in _frame_all(data, cuts)]
-    whole = SSEFramer().feed_whole(data)
+    by_feed = SSEFramer()
+    frames = by_feed.feed(data)
     framer = SSEFramer()
     region = framer.feed_region(data)
-    assert whole is not None
-    assert region == whole[0]
-    assert framer.pending == len(data) - len(region)
+    assert region == b"".join(f.raw for f in frames)
+    assert framer.pending == by_feed.pending
 
 
 def test_feed_region_declines_carriage_returns_and_buffered_bytes() -> None:

@@ -29,10 +29,6 @@ from gateway.records import ModelThought, PromptUsage, Record, ToolUsage
 from gateway.sse import Frame, SSEFramer, encode
 
 _TRACKED_BLOCKS = frozenset({"thinking", "tool_use", "server_tool_use"})
-# Events relayed untouched without injected tools (exact ``event:`` names, as bytes): always, and
-# while no tracked block (thinking, tool use) is open.
-_PASS = frozenset({b"ping"})
-_PASS_UNTRACKED = frozenset({b"content_block_delta", b"content_block_stop"})
 # Scanning a region of whole frames (``SSEFramer.feed_region``): each pattern matches, empty, at
 # the start of a frame the rewriter must see; the others pass as they are. Group 1 is the event
 # name and group 2 the data payload when the frame has the standard layout ``event: NAME\ndata:
@@ -135,44 +131,10 @@ class MessagesStream:
         frames = framer.feed(chunk)
         return self.feed_all(frames) if frames else None
 
-    def feed_whole(self, region: bytes, bodies: list[bytes]) -> bytes:
-        """Process a run of whole frames (``SSEFramer.feed_whole``); return the client bytes.
-
-        Frames the rewriter would pass through untouched (text deltas, pings, the end of an
-        untracked block) are recognised by their ``event:`` line alone, without a ``Frame``;
-        when no frame changes, ``region`` itself is returned (nothing is copied).
-        """
-        if self._acc is not None:
-            return self.feed_all([Frame(body + b"\n\n") for body in bodies])
-        edits: list[tuple[int, int, bytes]] = []
-        start = 0
-        for body in bodies:
-            end = start + len(body) + 2
-            if body[:7] == b"event: ":
-                name = body[7 : body.find(b"\n", 7)]
-                if name in _PASS or (name in _PASS_UNTRACKED and not self._open):
-                    start = end
-                    continue
-            frame = Frame(region[start:end])
-            out = self.feed(frame)
-            if out is not frame.raw:
-                edits.append((start, end, out))
-            start = end
-        if not edits:
-            return region
-        pieces = []
-        done = 0
-        for start, end, out in edits:
-            pieces.append(region[done:start])
-            pieces.append(out)
-            done = end
-        pieces.append(region[done:])
-        return b"".join(pieces)
-
     def _feed_region(self, region: bytes) -> bytes:
         """Process a run of whole frames (``SSEFramer.feed_region``); return the client bytes.
 
-        Like ``feed_whole`` without splitting: the frames to look at are found with a regex scan
+        The frames to look at are found with a regex scan
         (``_SCAN``) and the others (text deltas, pings, the end of an untracked block) pass with
         no per-frame Python work; when no frame changes, ``region`` itself is returned.
         """
