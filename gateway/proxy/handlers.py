@@ -189,7 +189,7 @@ async def messages(services: Services, request: web.Request) -> web.StreamRespon
     try:
         loop = (
             await _tool_loop(services, snapshot, auth, parsed, interception_id)
-            if services.mcp_pool is not None
+            if services.mcp_pool is not None and snapshot.mcp_servers
             else None
         )
         body = orjson.dumps(parsed.parsed) if loop is not None else parsed.body

@@ -7,7 +7,12 @@ from aiohttp import web
 from gateway.auth import Authenticated, authenticate
 from gateway.proxy.handlers import Services, anthropic_error, read_body, resolve_provider
 from gateway.proxy.relay import UPSTREAM_ERRORS, describe_upstream_error
-from gateway.proxy.upstream import join_url, relayed_response_headers, upstream_request_headers
+from gateway.proxy.upstream import (
+    SKIP_AUTO_HEADERS,
+    join_url,
+    relayed_response_headers,
+    upstream_request_headers,
+)
 
 # Response headers that describe the body as relayed (no decompression happens on this path).
 _BODY_HEADERS = ("Content-Type", "Content-Encoding")
@@ -37,7 +42,12 @@ async def passthrough(services: Services, request: web.Request) -> web.StreamRes
     url = join_url(provider.base_url, path, request.query_string)
     try:
         async with services.session.request(
-            request.method, url, data=body or None, headers=headers, auto_decompress=False
+            request.method,
+            url,
+            data=body or None,
+            headers=headers,
+            auto_decompress=False,
+            skip_auto_headers=SKIP_AUTO_HEADERS,
         ) as resp:
             out_headers = relayed_response_headers(resp.headers)
             for name in _BODY_HEADERS:

@@ -22,7 +22,7 @@ from gateway.intercept.messages.blocking import BlockingTurns
 from gateway.intercept.messages.stream import MessagesStream
 from gateway.ports import UsageSink
 from gateway.proxy.client_writer import CLIENT_GONE, ClientWriter, OnClientLeft
-from gateway.proxy.upstream import relayed_header_items
+from gateway.proxy.upstream import auto_headers_to_skip, relayed_header_items
 from gateway.records import EndStatus, InterceptionEnded
 from gateway.retry import retry_delay, should_retry
 from gateway.sse import FrameTooLarge, SSEFramer
@@ -90,6 +90,7 @@ class Interception:
         self._url = url
         self._headers = headers
         self._max_retries = max_retries
+        self._skip_auto_headers = auto_headers_to_skip(headers)
 
     def end(self) -> None:
         """Write the end record (once, synchronously: it must survive handler cancellation)."""
@@ -114,17 +115,30 @@ class Interception:
         """POST ``body`` to the interception's upstream endpoint, retrying (before anything
         reached the client) per ``gateway.retry``."""
         url, headers, max_retries = self._url, self._headers, self._max_retries
+        skip = self._skip_auto_headers
         post = self.session.post
         attempt = 0
         while True:
             delay_headers: Mapping[str, str] = {}
             try:
                 try:
-                    resp = await post(url, data=body, headers=headers, auto_decompress=True)
+                    resp = await post(
+                        url,
+                        data=body,
+                        headers=headers,
+                        skip_auto_headers=skip,
+                        auto_decompress=True,
+                    )
                 except (aiohttp.ServerDisconnectedError, aiohttp.ClientOSError):
                     # A stale pooled connection fails before any byte of the response: always
                     # safe to retry once, whatever the retry budget.
-                    resp = await post(url, data=body, headers=headers, auto_decompress=True)
+                    resp = await post(
+                        url,
+                        data=body,
+                        headers=headers,
+                        skip_auto_headers=skip,
+                        auto_decompress=True,
+                    )
             except UPSTREAM_ERRORS:
                 if attempt >= max_retries:
                     raise

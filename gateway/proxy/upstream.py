@@ -146,6 +146,19 @@ def join_url(base_url: str, path: str, query: str = "") -> str:
     return f"{url}?{query}" if query else url
 
 
+# aiohttp adds a User-Agent, and a Content-Type for a body, that the client did not send unless
+# told to skip them. Telling it costs a header merge per request, so only requests that lack one
+# of them pass this (see ``auto_headers_to_skip``); the session sets no skip list of its own.
+SKIP_AUTO_HEADERS = ("User-Agent", "Content-Type")
+
+
+def auto_headers_to_skip(headers: CIMultiDict[str]) -> tuple[str, ...] | None:
+    """``skip_auto_headers`` for an upstream request with ``headers``: None if it needs none."""
+    if "User-Agent" in headers and "Content-Type" in headers:
+        return None
+    return SKIP_AUTO_HEADERS
+
+
 def make_session(connect_timeout: float, idle_timeout: float) -> aiohttp.ClientSession:
     """One pooled client session for all upstream calls (created inside the running loop)."""
     connector = aiohttp.TCPConnector(
@@ -162,7 +175,6 @@ def make_session(connect_timeout: float, idle_timeout: float) -> aiohttp.ClientS
         connector=connector,
         timeout=timeout,
         auto_decompress=False,
-        skip_auto_headers=("User-Agent", "Content-Type"),
         # Provider cookies (load-balancer affinity, bot scores) belong to whoever made the call:
         # a shared jar would replay one user's cookies on every other user's requests.
         cookie_jar=aiohttp.DummyCookieJar(),

@@ -172,6 +172,35 @@ async def test_upstream_request_headers_and_body(
     secrets_absent(records, UPSTREAM_KEY, GATEWAY_KEY)
 
 
+@pytest.mark.parametrize("stream", [False, True], ids=["blocking", "streaming"])
+async def test_no_made_up_user_agent_or_content_type(gateway: Gateway, stream: bool) -> None:
+    """Headers the client did not send are not filled in by the gateway's HTTP client."""
+    gateway.upstream.enqueue(reply_for(stream))
+    async with (
+        aiohttp.ClientSession(skip_auto_headers=("User-Agent", "Content-Type")) as session,
+        session.post(
+            f"{gateway.url}/v1/messages", data=simple_body(stream), headers=keyed()
+        ) as resp,
+    ):
+        assert resp.status == 200, await resp.read()
+        await resp.read()
+    h = last_request(gateway).headers
+    assert "User-Agent" not in h
+    assert h.getall("Content-Type") == ["application/json"]
+
+    gateway.upstream.enqueue(reply_for(stream))
+    hdrs = {"anthropic-version": "2023-06-01", "x-api-key": GATEWAY_KEY}
+    async with (
+        aiohttp.ClientSession(skip_auto_headers=("User-Agent", "Content-Type")) as session,
+        session.post(f"{gateway.url}/v1/messages", data=simple_body(stream), headers=hdrs) as resp,
+    ):
+        assert resp.status == 200, await resp.read()
+        await resp.read()
+    h = last_request(gateway).headers
+    assert "User-Agent" not in h
+    assert "Content-Type" not in h
+
+
 async def test_gateway_key_as_bearer(gateway: Gateway) -> None:
     gateway.upstream.enqueue(reply_for(False))
     hdrs = headers(Authorization=f"Bearer {GATEWAY_KEY}")
