@@ -4,23 +4,27 @@ from __future__ import annotations
 
 import asyncio
 import functools
-import logging
 import re
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator
 
 import aiohttp
 from aiohttp import web
 
 from gateway.config import Settings
 from gateway.ports import UsageSink
-from gateway.proxy.handlers import Services, anthropic_error, messages
-from gateway.proxy.passthrough import ANTHROPIC_PASSTHROUGH, passthrough
+from gateway.proxy.handlers import (
+    Handler,
+    Services,
+    messages,
+    provider_shaped,
+    unknown_route,
+    wrong_method,
+)
+from gateway.proxy.passthrough import passthrough, passthrough_routes
 from gateway.proxy.relay import RelayOptions
 from gateway.proxy.upstream import make_session, stripped_headers
 from gateway.state import StateHolder
 from gateway.tools.mcp_pool import McpPool
-
-log = logging.getLogger("aibridged.app")
 
 
 class Readiness:
@@ -37,29 +41,26 @@ class Readiness:
 
 
 READY = web.AppKey("ready", Readiness)
-Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 
-@web.middleware
-async def provider_shaped_errors(request: web.Request, handler: Handler) -> web.StreamResponse:
-    """No traceback and no HTML reach a client: every failure gets the provider's error shape."""
-    try:
-        return await handler(request)
-    except web.HTTPException as exc:
-        if exc.status < 400:
-            raise
-        if exc.status == 404:
-            message = f"route not supported: {request.method} {request.path}"
-        elif exc.status == 405:
-            message = f"method {request.method} not allowed on {request.path}"
-        else:
-            message = exc.reason
-        return anthropic_error(exc.status, message)
-    except (ConnectionResetError, aiohttp.ClientConnectionResetError):
-        raise
-    except Exception:
-        log.exception("unhandled error on %s %s", request.method, request.path)
-        return anthropic_error(500, "internal gateway error")
+class AnyTarget(web.PlainResource):
+    """Matches every request target: registered last, it answers what no other route serves.
+
+    A ``/{tail:.*}`` route would miss ``OPTIONS *`` (a target without a leading slash) and
+    paths holding a newline (``%0A``). Indexed under ``/``, the router tries it after every other
+    resource (the router can reach no resource at all for an empty path, the absolute form
+    ``GET http://host HTTP/1.1``: that one gets aiohttp's plain 404).
+    """
+
+    def __init__(self, handler: Handler) -> None:
+        super().__init__("/")
+        self.route = self.add_route("*", handler)
+
+    async def resolve(
+        self, request: web.Request
+    ) -> tuple[web.UrlMappingMatchInfo | None, set[str]]:
+        """Every request matches."""
+        return web.UrlMappingMatchInfo({}, self.route), set()
 
 
 def build_app(
@@ -70,9 +71,9 @@ def build_app(
     mcp_pool: McpPool | None = None,
 ) -> web.Application:
     """Wire routes and the upstream session's lifetime to the app."""
-    app = web.Application(
-        client_max_size=settings.max_body_bytes, middlewares=[provider_shaped_errors]
-    )
+    # No middleware (it costs every request two coroutines): handlers are wrapped once here, or
+    # shape their own failures (messages), and the router answers unknown routes and methods.
+    app = web.Application(client_max_size=settings.max_body_bytes)
     app[READY] = readiness
     session_ref: list[aiohttp.ClientSession] = []
     services = Services(
@@ -100,11 +101,21 @@ def build_app(
         await session.close()
 
     app.cleanup_ctx.append(upstream_session)
-    app.router.add_get("/healthz", healthz)
-    app.router.add_get("/readyz", readyz)
-    app.router.add_route("*", "/{provider}/v1/messages", functools.partial(messages, services))
-    for method, path in ANTHROPIC_PASSTHROUGH:
-        app.router.add_route(method, "/{provider}" + path, functools.partial(passthrough, services))
+    router = app.router
+    # aiohttp tries a resource's routes in order; a "*" route after a path's methods answers the
+    # others with 405 (without it, resolution would go on to the catch-all and answer 404).
+    router.add_get("/healthz", provider_shaped(healthz))
+    router.add_route("*", "/healthz", wrong_method)
+    router.add_get("/readyz", provider_shaped(readyz))
+    router.add_route("*", "/readyz", wrong_method)
+    # Any method: the handler answers 405 itself, and shapes its own failures.
+    router.add_route("*", "/{provider}/v1/messages", functools.partial(messages, services))
+    relay = provider_shaped(functools.partial(passthrough, services))
+    for path, methods in passthrough_routes().items():
+        for method in methods:
+            router.add_route(method, "/{provider}" + path, relay)
+        router.add_route("*", "/{provider}" + path, wrong_method)
+    router.register_resource(AnyTarget(unknown_route))
     return app
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import re
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 
 import aiohttp
@@ -26,6 +27,10 @@ from gateway.state import Provider, Snapshot, StateHolder
 from gateway.tools.mcp_pool import McpPool
 
 log = logging.getLogger("aibridged.handlers")
+# Failures escaping a handler are logged under the app's name (where the middleware logged them).
+_app_log = logging.getLogger("aibridged.app")
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 
 @dataclass(frozen=True, slots=True)
@@ -87,6 +92,65 @@ def anthropic_error(status: int, message: str, error_type: str | None = None) ->
     )
 
 
+def route_not_found(request: web.Request) -> web.Response:
+    """The 404 for a path no route serves."""
+    return anthropic_error(404, f"route not supported: {request.method} {request.path}")
+
+
+def method_not_allowed(request: web.Request) -> web.Response:
+    """The 405 for a known path asked with a method it does not serve."""
+    return anthropic_error(405, f"method {request.method} not allowed on {request.path}")
+
+
+async def unknown_route(request: web.Request) -> web.Response:
+    """Handler of the catch-all route, registered last: the Anthropic-shaped 404."""
+    return route_not_found(request)
+
+
+async def wrong_method(request: web.Request) -> web.Response:
+    """Handler of each known path's ``*`` route, after its methods: the Anthropic-shaped 405."""
+    return method_not_allowed(request)
+
+
+def failure_response(request: web.Request, exc: Exception) -> web.Response | None:
+    """What the client gets for an exception escaping a handler; None to let it propagate.
+
+    Call from the ``except`` clause (an unexpected failure is logged with its traceback). No
+    traceback and no HTML reach a client: every failure gets the provider's error shape.
+    Redirects and client disconnects propagate.
+    """
+    if isinstance(exc, web.HTTPException):
+        if exc.status < 400:
+            return None
+        if exc.status == 404:
+            return route_not_found(request)
+        if exc.status == 405:
+            return method_not_allowed(request)
+        return anthropic_error(exc.status, exc.reason)
+    if isinstance(exc, (ConnectionResetError, aiohttp.ClientConnectionResetError)):
+        return None
+    _app_log.exception("unhandled error on %s %s", request.method, request.path)
+    return anthropic_error(500, "internal gateway error")
+
+
+def provider_shaped(handler: Handler) -> Handler:
+    """``handler`` with its failures answered by :func:`failure_response` (wrap once, at startup).
+
+    Costs one coroutine per request, where an aiohttp middleware costs two.
+    """
+
+    async def shaped(request: web.Request) -> web.StreamResponse:
+        try:
+            return await handler(request)
+        except Exception as exc:
+            response = failure_response(request, exc)
+            if response is None:
+                raise
+            return response
+
+    return shaped
+
+
 def resolve_provider(services: Services, request: web.Request) -> Provider | web.Response:
     """The provider named by the route prefix, or a 404 (503 before the host's first push)."""
     return _provider_in(services.state.current, request)
@@ -100,7 +164,7 @@ def _provider_in(snapshot: Snapshot, request: web.Request) -> Provider | web.Res
     name = request.match_info["provider"]
     provider = snapshot.providers.get(name)
     if provider is None or provider.type != "anthropic":
-        return anthropic_error(404, f"route not supported: {request.method} {request.path}")
+        return route_not_found(request)
     return provider
 
 
@@ -130,97 +194,104 @@ async def read_body(services: Services, request: web.Request) -> bytes | web.Res
 
 async def messages(services: Services, request: web.Request) -> web.StreamResponse:
     """``POST /{provider}/v1/messages``: the intercepted Anthropic Messages API."""
-    snapshot = services.state.current
-    provider = _provider_in(snapshot, request)
-    if isinstance(provider, web.Response):
-        return provider
-    if request.method != "POST":
-        return anthropic_error(405, f"method {request.method} not allowed on {request.path}")
-    request_headers = request.headers
-    auth = authenticate(request_headers, snapshot, provider, services.byok_header)
-    if not isinstance(auth, Authenticated):
-        return anthropic_error(auth.status, auth.message)
-    body = await read_body(services, request)
-    if isinstance(body, web.Response):
-        return body
     try:
-        parsed = parse_request(body)
-    except RequestError as exc:
-        return anthropic_error(exc.status, exc.message)
-
-    interception_id = new_interception_id()
-    client = detect_client(request_headers)
-    actor = auth.actor
-    credential = auth.credential
-    sink = services.sink
-    sink.submit(
-        InterceptionStarted(
-            interception_id=interception_id,
-            provider=provider.type,
-            provider_name=provider.name,
-            model=parsed.model,
-            actor_id=actor.id,
-            username=actor.username,
-            actor_metadata=dict(actor.metadata),
-            client=client,
-            user_agent=request_headers.get("User-Agent", ""),
-            client_session_id=client_session_id(client, request_headers, parsed.parsed),
-            correlating_tool_call_id=parsed.correlating_tool_call_id,
-            credential_kind=credential.kind,
-            credential_hint=credential.hint,
-            streaming=parsed.stream,
-        )
-    )
-    icpt = Interception(
-        interception_id,
-        sink,
-        services.session_ref[0],
-        services.relay,
-        services.loop_ref[0],
-        _messages_url(provider.base_url, request.query_string),
-        upstream_request_headers(
-            request_headers,
-            credential,
-            services.stripped_headers,
-            actor=actor if provider.send_actor_headers else None,
-        ),
-        provider.max_retries,
-    )
-    try:
-        loop = (
-            await _tool_loop(services, snapshot, auth, parsed, interception_id)
-            if services.mcp_pool is not None and snapshot.mcp_servers
-            else None
-        )
-        body = orjson.dumps(parsed.parsed) if loop is not None else parsed.body
-        injected = loop.is_injected if loop is not None else None
-        response: web.StreamResponse
+        snapshot = services.state.current
+        provider = _provider_in(snapshot, request)
+        if isinstance(provider, web.Response):
+            return provider
+        if request.method != "POST":
+            return method_not_allowed(request)
+        request_headers = request.headers
+        auth = authenticate(request_headers, snapshot, provider, services.byok_header)
+        if not isinstance(auth, Authenticated):
+            return anthropic_error(auth.status, auth.message)
+        body = await read_body(services, request)
+        if isinstance(body, web.Response):
+            return body
         try:
-            resp = await icpt.post_again(body)
-        except UPSTREAM_ERRORS as exc:
-            response = icpt.unreachable(exc)
-        else:
-            async with resp:
-                if resp.status >= 400:
-                    response = await icpt.upstream_error(resp)
-                elif parsed.stream and resp.content_type == "text/event-stream":
-                    rewriter = MessagesStream(interception_id, parsed.prompt, injected)
-                    more = (
-                        StreamContinuation(loop, parsed.parsed, icpt, icpt.outcome)
-                        if loop is not None
-                        else None
-                    )
-                    return await icpt.stream(request, resp, rewriter, more)
-                else:
-                    turns = BlockingTurns(interception_id, parsed.prompt, injected)
-                    response = await icpt.blocking(resp, turns, loop, parsed.parsed)
-        await icpt.complete()
-        return response
-    except asyncio.CancelledError:
-        icpt.outcome.fail("cancelled", "request cancelled before it completed")
-        raise
+            parsed = parse_request(body)
+        except RequestError as exc:
+            return anthropic_error(exc.status, exc.message)
+
+        interception_id = new_interception_id()
+        client = detect_client(request_headers)
+        actor = auth.actor
+        credential = auth.credential
+        sink = services.sink
+        sink.submit(
+            InterceptionStarted(
+                interception_id=interception_id,
+                provider=provider.type,
+                provider_name=provider.name,
+                model=parsed.model,
+                actor_id=actor.id,
+                username=actor.username,
+                actor_metadata=dict(actor.metadata),
+                client=client,
+                user_agent=request_headers.get("User-Agent", ""),
+                client_session_id=client_session_id(client, request_headers, parsed.parsed),
+                correlating_tool_call_id=parsed.correlating_tool_call_id,
+                credential_kind=credential.kind,
+                credential_hint=credential.hint,
+                streaming=parsed.stream,
+            )
+        )
+        icpt = Interception(
+            interception_id,
+            sink,
+            services.session_ref[0],
+            services.relay,
+            services.loop_ref[0],
+            _messages_url(provider.base_url, request.query_string),
+            upstream_request_headers(
+                request_headers,
+                credential,
+                services.stripped_headers,
+                actor=actor if provider.send_actor_headers else None,
+            ),
+            provider.max_retries,
+        )
+        try:
+            loop = (
+                await _tool_loop(services, snapshot, auth, parsed, interception_id)
+                if services.mcp_pool is not None and snapshot.mcp_servers
+                else None
+            )
+            body = orjson.dumps(parsed.parsed) if loop is not None else parsed.body
+            injected = loop.is_injected if loop is not None else None
+            response: web.StreamResponse
+            try:
+                resp = await icpt.post_again(body)
+            except UPSTREAM_ERRORS as exc:
+                response = icpt.unreachable(exc)
+            else:
+                async with resp:
+                    if resp.status >= 400:
+                        response = await icpt.upstream_error(resp)
+                    elif parsed.stream and resp.content_type == "text/event-stream":
+                        rewriter = MessagesStream(interception_id, parsed.prompt, injected)
+                        more = (
+                            StreamContinuation(loop, parsed.parsed, icpt, icpt.outcome)
+                            if loop is not None
+                            else None
+                        )
+                        return await icpt.stream(request, resp, rewriter, more)
+                    else:
+                        turns = BlockingTurns(interception_id, parsed.prompt, injected)
+                        response = await icpt.blocking(resp, turns, loop, parsed.parsed)
+            await icpt.complete()
+            return response
+        except asyncio.CancelledError:
+            icpt.outcome.fail("cancelled", "request cancelled before it completed")
+            raise
+        except Exception as exc:
+            icpt.outcome.fail("gateway_error", type(exc).__name__)
+            raise
+        finally:
+            icpt.end()
     except Exception as exc:
-        icpt.outcome.fail("gateway_error", type(exc).__name__)
-        raise
-    finally:
-        icpt.end()
+        # Shaped here, not by a wrapper: the hot route gets no extra coroutine layer.
+        shaped = failure_response(request, exc)
+        if shaped is None:
+            raise
+        return shaped

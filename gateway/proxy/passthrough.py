@@ -26,6 +26,14 @@ ANTHROPIC_PASSTHROUGH = (
 )
 
 
+def passthrough_routes() -> dict[str, list[str]]:
+    """The allow-list grouped by path, in order: ``{path: [methods]}``."""
+    routes: dict[str, list[str]] = {}
+    for method, path in ANTHROPIC_PASSTHROUGH:
+        routes.setdefault(path, []).append(method)
+    return routes
+
+
 async def passthrough(services: Services, request: web.Request) -> web.StreamResponse:
     """Relay one allow-listed request upstream with the provider credential injected."""
     provider = resolve_provider(services, request)

@@ -7,6 +7,7 @@ the spool recorded (failed interceptions are recorded as failed, rejected reques
 
 from __future__ import annotations
 
+import asyncio
 import json
 from collections.abc import AsyncIterator
 from typing import Any
@@ -14,6 +15,7 @@ from typing import Any
 import aiohttp
 import anthropic
 import pytest
+from aiohttp import web
 from multidict import CIMultiDictProxy
 
 from gateway.testing import Reply, load_txtar, split_events
@@ -230,6 +232,216 @@ async def test_get_on_messages_is_405(gateway: Gateway) -> None:
     assert headers["Content-Type"].startswith("application/json")
     assert gateway.upstream.requests == []
     assert await gateway.records() == []
+
+
+async def raw_request(
+    gateway: Gateway, method: str, target: str, body: bytes = b""
+) -> tuple[int, dict[str, str], bytes]:
+    """One request sent byte for byte (targets no client library would send as they are)."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", gateway.daemon.port)
+    head = (
+        f"{method} {target} HTTP/1.1\r\nHost: gw\r\nConnection: close\r\n"
+        f"x-api-key: {GATEWAY_KEY}\r\ncontent-type: application/json\r\n"
+        f"Content-Length: {len(body)}\r\n\r\n"
+    )
+    writer.write(head.encode() + body)
+    data = await reader.read()
+    writer.close()
+    await writer.wait_closed()
+    head_bytes, _, out = data.partition(b"\r\n\r\n")
+    status_line, *lines = head_bytes.decode("latin-1").split("\r\n")
+    headers = {}
+    for line in lines:
+        name, _, value = line.partition(":")
+        headers[name.strip().lower()] = value.strip()
+    return int(status_line.split()[1]), headers, out
+
+
+def assert_shaped(
+    status: int, headers: dict[str, str], body: bytes, method: str, expected: int, message: str
+) -> None:
+    """An Anthropic-shaped error with exactly ``message`` (HEAD answers carry no body)."""
+    assert status == expected, body
+    assert headers["content-type"] == "application/json"
+    if method == "HEAD":
+        assert body == b""
+        assert int(headers["content-length"]) > 0
+        return
+    obj = json.loads(body)
+    assert obj == {"type": "error", "error": {"type": obj["error"]["type"], "message": message}}
+    assert int(headers["content-length"]) == len(body)
+
+
+# Each known path and the methods it does not serve: an Anthropic 405, never a 404.
+WRONG_METHODS = [
+    pytest.param(method, path, id=f"{method}-{path}")
+    for path, methods in [
+        ("/healthz", ["POST", "PUT", "DELETE", "PATCH", "OPTIONS"]),
+        ("/readyz", ["POST", "PUT", "DELETE", "PATCH", "OPTIONS"]),
+        ("/anthropic/v1/messages", ["GET", "HEAD", "PUT", "DELETE", "OPTIONS"]),
+        # Passthrough routes are GET only: HEAD is not relayed.
+        ("/anthropic/v1/models", ["HEAD", "POST", "PUT", "DELETE", "PATCH", "OPTIONS"]),
+        ("/anthropic/v1/models/claude-sonnet-4-5", ["POST", "PUT", "DELETE", "OPTIONS"]),
+        ("/anthropic/v1/models/a/b", ["POST", "PATCH"]),
+        ("/anthropic/v1/messages/count_tokens", ["GET", "HEAD", "PUT", "DELETE", "OPTIONS"]),
+        ("/unknown-provider/v1/models", ["POST"]),
+        ("/unknown-provider/v1/messages/count_tokens", ["GET"]),
+    ]
+    for method in methods
+]
+
+
+@pytest.mark.parametrize(("method", "path"), WRONG_METHODS)
+async def test_wrong_method_on_a_known_path_is_405(
+    gateway: Gateway, method: str, path: str
+) -> None:
+    status, headers, out = await raw_request(gateway, method, path)
+
+    assert_shaped(status, headers, out, method, 405, f"method {method} not allowed on {path}")
+    assert gateway.upstream.requests == []
+
+
+# Targets no route serves, with what ``request.path`` makes of them.
+UNKNOWN_TARGETS = [
+    ("/", "/"),
+    ("//", "//"),
+    ("/healthz/", "/healthz/"),
+    ("/HEALTHZ", "/HEALTHZ"),
+    ("/readyz/x", "/readyz/x"),
+    ("/anthropic/v1/messages/", "/anthropic/v1/messages/"),
+    ("/anthropic//v1/messages", "/anthropic//v1/messages"),
+    ("/anthropic/v1/models/", "/anthropic/v1/models/"),
+    ("/anthropic/v1/messages/count_tokens/", "/anthropic/v1/messages/count_tokens/"),
+    ("/anthropic%2Fv1/messages", "/anthropic/v1/messages"),
+    ("/anthropic/v1%2Fmessages", "/anthropic/v1/messages"),
+    ("/a%0Ab", "/a\nb"),
+    ("/healthz%0A", "/healthz\n"),
+    ("/anthropic%0A/v1/messages", "/anthropic\n/v1/messages"),
+    ("/caf%C3%A9", "/caf\u00e9"),
+    ("/anthropic/v1/complete?x=1", "/anthropic/v1/complete"),
+    ("http://example.com/nope", "/nope"),
+]
+
+
+@pytest.mark.parametrize("method", ["GET", "POST", "HEAD", "OPTIONS", "DELETE"])
+@pytest.mark.parametrize(("target", "path"), UNKNOWN_TARGETS)
+async def test_unknown_target_is_404_in_anthropic_shape(
+    gateway: Gateway, method: str, target: str, path: str
+) -> None:
+    status, headers, out = await raw_request(gateway, method, target)
+
+    assert_shaped(status, headers, out, method, 404, f"route not supported: {method} {path}")
+    assert gateway.upstream.requests == []
+
+
+async def test_options_asterisk_is_404_in_anthropic_shape(gateway: Gateway) -> None:
+    status, headers, out = await raw_request(gateway, "OPTIONS", "*")
+
+    assert_shaped(status, headers, out, "OPTIONS", 404, "route not supported: OPTIONS *")
+
+
+@pytest.mark.parametrize("method", ["GET", "HEAD"])
+@pytest.mark.parametrize("path", ["/healthz", "/readyz", "/healthz?probe=1"])
+async def test_health_answers_get_and_head(gateway: Gateway, method: str, path: str) -> None:
+    status, headers, out = await raw_request(gateway, method, path)
+
+    assert status == 200
+    assert headers["content-type"].startswith("application/json")
+    if method == "HEAD":
+        assert out == b""
+    else:
+        assert json.loads(out)["status"] in ("ok", "ready")
+
+
+async def test_count_tokens_body_over_limit_is_413(make_gateway: GatewayFactory) -> None:
+    gw = await make_gateway(max_body_bytes=1024)
+
+    status, headers, out = await send(f"{gw.url}/v1/messages/count_tokens", oversized())
+
+    assert_error(status, out, 413, "request_too_large", "1024")
+    assert headers["Content-Type"] == "application/json"
+    assert gw.upstream.requests == []
+
+
+# -- a handler failing ----------------------------------------------------------------------------
+
+FAILURES = [
+    pytest.param(RuntimeError("boom"), 500, "internal gateway error", id="unexpected"),
+    pytest.param(KeyError("x"), 500, "internal gateway error", id="key-error"),
+    pytest.param(TimeoutError(), 500, "internal gateway error", id="timeout"),
+    pytest.param(web.HTTPBadRequest(), 400, "Bad Request", id="http-400"),
+    pytest.param(web.HTTPGone(reason="Really Gone"), 410, "Really Gone", id="http-410"),
+    pytest.param(web.HTTPNotFound(), 404, "route not supported: {method} {path}", id="http-404"),
+    pytest.param(
+        web.HTTPMethodNotAllowed("POST", ["GET"]),
+        405,
+        "method {method} not allowed on {path}",
+        id="http-405",
+    ),
+]
+
+# Where to make each route's handler fail: (method, path, module, function).
+FAILING_ROUTES = [
+    pytest.param("POST", "/anthropic/v1/messages", "handlers", "authenticate", id="messages"),
+    pytest.param(
+        "POST", "/anthropic/v1/messages/count_tokens", "passthrough", "authenticate", id="tokens"
+    ),
+    pytest.param("GET", "/anthropic/v1/models", "passthrough", "authenticate", id="models"),
+    pytest.param("GET", "/anthropic/v1/models/m", "passthrough", "authenticate", id="model"),
+]
+
+
+@pytest.mark.parametrize(("method", "path", "module", "function"), FAILING_ROUTES)
+@pytest.mark.parametrize(("exc", "expected", "message"), FAILURES)
+async def test_handler_failure_is_provider_shaped(
+    gateway: Gateway,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+    method: str,
+    path: str,
+    module: str,
+    function: str,
+    exc: Exception,
+    expected: int,
+    message: str,
+) -> None:
+    def fail(*_: object) -> None:
+        raise exc
+
+    monkeypatch.setattr(f"gateway.proxy.{module}.{function}", fail)
+
+    status, headers, out = await raw_request(gateway, method, path, body_of())
+
+    assert_shaped(status, headers, out, method, expected, message.format(method=method, path=path))
+    assert b"Traceback" not in out
+    logged = [r for r in caplog.records if r.getMessage() == f"unhandled error on {method} {path}"]
+    assert len(logged) == (expected == 500)
+    assert all(r.name == "aibridged.app" and r.exc_info for r in logged)
+    assert gateway.upstream.requests == []
+
+
+async def test_readyz_failure_is_provider_shaped(
+    gateway: Gateway, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(gateway.daemon.readiness, "state", None)
+
+    status, headers, out = await raw_request(gateway, "GET", "/readyz")
+
+    assert_shaped(status, headers, out, "GET", 500, "internal gateway error")
+
+
+async def test_redirect_raised_by_a_handler_is_not_reshaped(
+    gateway: Gateway, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def fail(*_: object) -> None:
+        raise web.HTTPFound("/elsewhere")
+
+    monkeypatch.setattr("gateway.proxy.handlers.authenticate", fail)
+
+    status, headers, _ = await raw_request(gateway, "POST", "/anthropic/v1/messages", body_of())
+
+    assert status == 302
+    assert headers["location"] == "/elsewhere"
 
 
 # -- upstream unreachable -------------------------------------------------------------------------
