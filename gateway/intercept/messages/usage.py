@@ -28,31 +28,32 @@ class MessageUsage:
     def update(self, usage: Any) -> None:
         """Take the cumulative values present in ``usage``; absent fields keep their value.
 
-        A value counts when it is an ``int`` and not a ``bool``. The checks are inlined (the
-        exact-``int`` test first): this runs for every ``message_start`` and ``message_delta``.
+        A value counts when it is exactly an ``int``: JSON numbers parse to ``int``, ``true`` and
+        ``false`` to ``bool``, which does not count. The checks are inlined: this runs for every
+        ``message_start`` and ``message_delta``.
         """
         if not isinstance(usage, dict):
             return
         get = usage.get
         v = get("input_tokens")
-        if type(v) is int or (isinstance(v, int) and not isinstance(v, bool)):
+        if type(v) is int:
             self.input = v
         v = get("output_tokens")
-        if type(v) is int or (isinstance(v, int) and not isinstance(v, bool)):
+        if type(v) is int:
             self.output = v
         v = get("cache_read_input_tokens")
-        if type(v) is int or (isinstance(v, int) and not isinstance(v, bool)):
+        if type(v) is int:
             self.cache_read = v
         v = get("cache_creation_input_tokens")
-        if type(v) is int or (isinstance(v, int) and not isinstance(v, bool)):
+        if type(v) is int:
             self.cache_write = v
         split = get("cache_creation")
         if isinstance(split, dict):
             v = split.get("ephemeral_5m_input_tokens")
-            if type(v) is int or (isinstance(v, int) and not isinstance(v, bool)):
+            if type(v) is int:
                 self.cache_write_5m = v
             v = split.get("ephemeral_1h_input_tokens")
-            if type(v) is int or (isinstance(v, int) and not isinstance(v, bool)):
+            if type(v) is int:
                 self.cache_write_1h = v
         server_tools = get("server_tool_use")
         if isinstance(server_tools, dict):
