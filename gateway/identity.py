@@ -11,7 +11,6 @@ import re
 from collections.abc import Mapping
 
 import orjson
-from multidict import CIMultiDict, CIMultiDictProxy
 
 __all__ = [
     "client_session_id",
@@ -103,9 +102,6 @@ def extract_bearer(value: str | None) -> str:
     return fields[1]
 
 
-_CASE_INSENSITIVE = (CIMultiDictProxy, CIMultiDict)
-
-
 def _header(headers: Mapping[str, str], name: str) -> str | None:
     """Case-insensitive lookup of ``name`` (lower case) without copying the headers.
 
@@ -151,20 +147,15 @@ def detect_client(headers: Mapping[str, str]) -> str:
     Header names are looked up case-insensitively. User-Agent prefixes are checked first,
     then the Originator header, then Cursor's version header.
     """
-    # aiohttp's headers are already case-insensitive: no fallback scan needed.
-    direct = isinstance(headers, _CASE_INSENSITIVE)
-    user_agent = headers.get("user-agent") if direct else _header(headers, "user-agent")
+    user_agent = _header(headers, "user-agent")
     if user_agent:
         client = _client_from_user_agent(user_agent)
         if client:
             return client
-    originator = headers.get("originator") if direct else _header(headers, "originator")
+    originator = _ORIGINATORS.get(_header(headers, "originator") or "")
     if originator is not None:
-        named = _ORIGINATORS.get(originator)
-        if named is not None:
-            return named
-    name = "x-cursor-client-version"
-    if _clean(headers.get(name) if direct else _header(headers, name)) is not None:
+        return originator
+    if _clean(_header(headers, "x-cursor-client-version")) is not None:
         return "Cursor"
     return "Unknown"
 

@@ -10,7 +10,6 @@ import hmac
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
-from hashlib import sha256
 from types import MappingProxyType
 from typing import Any
 
@@ -47,6 +46,10 @@ class Provider:
     api_key: str = field(default="", repr=False)
     send_actor_headers: bool = False
     max_retries: int = 0
+
+    def url(self, path: str, query: str = "") -> str:
+        """``path`` (with a leading slash) on this provider; ``base_url`` has no trailing one."""
+        return f"{self.base_url}{path}?{query}" if query else self.base_url + path
 
 
 @dataclass(frozen=True, slots=True)
@@ -109,7 +112,7 @@ class Snapshot:
 
     def find_key(self, presented: str) -> ClientKey | None:
         """The gateway key matching ``presented``, compared by hash in constant time."""
-        digest = sha256(presented.encode()).hexdigest()  # sha256_hex, inlined
+        digest = sha256_hex(presented)
         found = self.keys.get(digest)
         if found is not None and hmac.compare_digest(found.sha256, digest):
             return found

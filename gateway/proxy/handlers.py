@@ -21,7 +21,7 @@ from gateway.intercept.messages.stream import MessagesStream
 from gateway.ports import UsageSink
 from gateway.proxy.relay import UPSTREAM_ERRORS, Interception, RelayOptions
 from gateway.proxy.tool_loop import StreamContinuation, ToolLoop
-from gateway.proxy.upstream import join_url, upstream_request_headers
+from gateway.proxy.upstream import upstream_request_headers
 from gateway.records import InterceptionStarted, new_interception_id
 from gateway.state import Provider, Snapshot, StateHolder
 from gateway.tools.mcp_pool import McpPool
@@ -168,19 +168,6 @@ def _provider_in(snapshot: Snapshot, request: web.Request) -> Provider | web.Res
     return provider
 
 
-# Each provider's Messages URL, by base URL (joined once, not per request). Bounded.
-_messages_urls: dict[str, str] = {}
-
-
-def _messages_url(base_url: str, query: str) -> str:
-    url = _messages_urls.get(base_url)
-    if url is None:
-        if len(_messages_urls) >= 256:
-            _messages_urls.clear()
-        url = _messages_urls[base_url] = join_url(base_url, "/v1/messages")
-    return f"{url}?{query}" if query else url
-
-
 async def read_body(services: Services, request: web.Request) -> bytes | web.Response:
     """The request body, or a 413 when it exceeds the configured limit."""
     limit = services.max_body_bytes
@@ -242,7 +229,7 @@ async def messages(services: Services, request: web.Request) -> web.StreamRespon
             services.session_ref[0],
             services.relay,
             services.loop_ref[0],
-            _messages_url(provider.base_url, request.query_string),
+            provider.url("/v1/messages", request.query_string),
             upstream_request_headers(
                 request_headers,
                 credential,

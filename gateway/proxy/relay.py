@@ -7,6 +7,7 @@ ends the interception with exactly one ``InterceptionEnded`` record.
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import random
 from collections.abc import Callable, Mapping
@@ -114,31 +115,25 @@ class Interception:
     async def post_again(self, body: bytes) -> aiohttp.ClientResponse:
         """POST ``body`` to the interception's upstream endpoint, retrying (before anything
         reached the client) per ``gateway.retry``."""
-        url, headers, max_retries = self._url, self._headers, self._max_retries
-        skip = self._skip_auto_headers
-        post = self.session.post
+        max_retries = self._max_retries
+        post = functools.partial(
+            self.session.post,
+            self._url,
+            data=body,
+            headers=self._headers,
+            skip_auto_headers=self._skip_auto_headers,
+            auto_decompress=True,
+        )
         attempt = 0
         while True:
             delay_headers: Mapping[str, str] = {}
             try:
                 try:
-                    resp = await post(
-                        url,
-                        data=body,
-                        headers=headers,
-                        skip_auto_headers=skip,
-                        auto_decompress=True,
-                    )
+                    resp = await post()
                 except (aiohttp.ServerDisconnectedError, aiohttp.ClientOSError):
                     # A stale pooled connection fails before any byte of the response: always
                     # safe to retry once, whatever the retry budget.
-                    resp = await post(
-                        url,
-                        data=body,
-                        headers=headers,
-                        skip_auto_headers=skip,
-                        auto_decompress=True,
-                    )
+                    resp = await post()
             except UPSTREAM_ERRORS:
                 if attempt >= max_retries:
                     raise

@@ -134,9 +134,9 @@ class MessagesStream:
     def _feed_region(self, region: bytes) -> bytes:
         """Process a run of whole frames (``SSEFramer.feed_region``); return the client bytes.
 
-        The frames to look at are found with a regex scan
-        (``_SCAN``) and the others (text deltas, pings, the end of an untracked block) pass with
-        no per-frame Python work; when no frame changes, ``region`` itself is returned.
+        The frames to look at are found with a regex scan (``_SCAN``); the others (text deltas,
+        pings, the end of an untracked block) pass with no per-frame Python work. When no frame
+        changes, ``region`` itself is returned.
         """
         edits: list[tuple[int, int, bytes]] = []
         every = self._acc is not None or bool(self._open)
