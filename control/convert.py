@@ -1,31 +1,51 @@
 """The one place that maps control-plane protobuf messages to domain objects and back (pure).
 
-Pushed state is validated here, before it reaches the state holder, so a bad push is refused as a
-whole with a precise field path (``providers[1].name: ...``) and the data plane never sees it.
-Spooled records go the other way: their JSON payloads become ``UsageRecord`` messages.
+Pushed state is mapped to domain objects here and checked by ``gateway.state``'s validators (the
+ones the YAML configuration goes through) before it reaches the state holder, so a bad push is
+refused as a whole with a precise field path (``providers[1].name: ...``) and the data plane never
+sees it. Spooled records go the other way: their JSON payloads become ``UsageRecord`` messages,
+and one that cannot be converted is delivered as an ``UnknownRecord`` (never an exception).
 """
 
 from __future__ import annotations
 
-import re
-import string
+import contextlib
 from collections.abc import Mapping
 from types import MappingProxyType
 from typing import Any
-from urllib.parse import urlsplit
 
+import orjson
 from google.protobuf.duration_pb2 import Duration
 from google.protobuf.timestamp_pb2 import Timestamp
 
 from control.spool import SpooledRecord
 from control.v1 import control_pb2
-from gateway.config import DEFAULT_BASE_URLS, PROVIDER_NAME_PATTERN
-from gateway.state import Actor, ClientKey, McpServer, McpToken, Provider
+from gateway.config import DEFAULT_BASE_URLS
+from gateway.state import (
+    Actor,
+    ClientKey,
+    InvalidField,
+    McpServer,
+    McpToken,
+    Provider,
+    check_api_keys,
+    check_mcp_servers,
+    check_mcp_tokens,
+    check_providers,
+)
 
-MAX_RETRIES = 10
-MCP_SERVER_ID_PATTERN = r"^[A-Za-z0-9_-]+$"
-_SHA256_HEX = re.compile(r"[0-9a-f]{64}")
-_HEADER_NAME_CHARS = frozenset(string.ascii_letters + string.digits + "!#$%&'*+-.^_`|~")
+__all__ = [
+    "InvalidField",
+    "api_keys_from_proto",
+    "deliverable",
+    "duration",
+    "mcp_servers_from_proto",
+    "mcp_tokens_from_proto",
+    "providers_from_proto",
+    "record_to_proto",
+    "timestamp",
+]
+
 _PROVIDER_TYPES = {
     control_pb2.PROVIDER_TYPE_ANTHROPIC: "anthropic",
     control_pb2.PROVIDER_TYPE_OPENAI: "openai",
@@ -34,15 +54,6 @@ _CREDENTIAL_KINDS = {
     "centralized": control_pb2.CREDENTIAL_KIND_CENTRALIZED,
     "byok": control_pb2.CREDENTIAL_KIND_BYOK,
 }
-
-
-class InvalidField(ValueError):
-    """A pushed field is invalid; ``str()`` is ``"<field path>: <reason>"``."""
-
-    def __init__(self, field: str, reason: str) -> None:
-        super().__init__(f"{field}: {reason}")
-        self.field = field
-        self.reason = reason
 
 
 # -- helpers shared with the servicer ---------------------------------------------------------
@@ -65,45 +76,6 @@ def duration(seconds: float) -> Duration:
     return out
 
 
-# -- validation -------------------------------------------------------------------------------
-
-
-def _matches(pattern: str, value: str) -> bool:
-    # fullmatch, because the patterns end in "$", which re.match also accepts before a
-    # trailing newline: "abc\n" must not pass as a route prefix or a tool-name part.
-    return re.fullmatch(pattern, value) is not None
-
-
-def _check_url(path: str, url: str) -> None:
-    if not url:
-        raise InvalidField(path, "required")
-    # The URL itself is not echoed: it may carry credentials in its userinfo or query.
-    if any(ch.isspace() or not ch.isprintable() for ch in url):
-        raise InvalidField(path, "malformed URL: contains whitespace or control characters")
-    try:
-        parts = urlsplit(url)
-        parts.port  # noqa: B018 - raises ValueError on a bad port, which we want to report
-    except ValueError as exc:
-        raise InvalidField(path, f"malformed URL: {exc}") from None
-    if parts.scheme not in ("http", "https"):
-        raise InvalidField(path, "malformed URL: scheme must be http or https")
-    if not parts.hostname:
-        raise InvalidField(path, "malformed URL: missing host")
-
-
-def _check_header_value(path: str, value: str) -> None:
-    # A CR or LF would split the header (injection); aiohttp would only fail at request time.
-    if any(ch in "\r\n\x00" for ch in value):
-        raise InvalidField(path, "must not contain CR, LF or NUL")
-
-
-def _check_regex(path: str, pattern: str) -> None:
-    try:
-        re.compile(pattern)
-    except re.error as exc:
-        raise InvalidField(path, f"invalid regex: {exc}") from None
-
-
 def _expiry(msg: control_pb2.ApiKey | control_pb2.McpAccessToken, path: str) -> float | None:
     # Presence, not zero, decides: an unset Timestamp means "never expires".
     if not msg.HasField("expires_at"):
@@ -115,104 +87,69 @@ def _expiry(msg: control_pb2.ApiKey | control_pb2.McpAccessToken, path: str) -> 
 
 
 # -- pushed state -----------------------------------------------------------------------------
+# Each push is mapped to domain objects, then checked by gateway.state's validators, the same
+# ones the YAML configuration goes through.
 
 
 def providers_from_proto(req: control_pb2.PutProvidersRequest) -> dict[str, Provider]:
     """Validate a PutProviders request and return its providers by name."""
-    out: dict[str, Provider] = {}
-    for i, p in enumerate(req.providers):
-        path = f"providers[{i}]"
-        if not _matches(PROVIDER_NAME_PATTERN, p.name):
-            raise InvalidField(f"{path}.name", f"must match {PROVIDER_NAME_PATTERN}")
-        if p.name in out:
-            raise InvalidField(f"{path}.name", f"duplicate provider name {p.name!r}")
-        kind = _PROVIDER_TYPES.get(p.type)
-        if kind is None:
-            raise InvalidField(f"{path}.type", "unknown provider type")
-        if p.max_retries > MAX_RETRIES:
-            raise InvalidField(f"{path}.max_retries", f"at most {MAX_RETRIES}")
-        base_url = p.base_url or DEFAULT_BASE_URLS[kind]
-        _check_url(f"{path}.base_url", base_url)
-        # The api_key goes into an upstream header verbatim.
-        _check_header_value(f"{path}.api_key", p.api_key)
-        out[p.name] = Provider(
-            name=p.name,
-            type=kind,
-            # Route handlers append paths that start with "/", so a trailing one would double.
-            base_url=base_url.rstrip("/"),
-            api_key=p.api_key,
-            send_actor_headers=p.send_actor_headers,
-            max_retries=p.max_retries,
+    providers = []
+    for p in req.providers:
+        # An unknown enum value (a newer host) maps to "", which the validator refuses.
+        kind = _PROVIDER_TYPES.get(p.type, "")
+        providers.append(
+            Provider(
+                name=p.name,
+                type=kind,
+                # Route handlers append paths that start with "/", so a trailing one would double.
+                base_url=(p.base_url or DEFAULT_BASE_URLS.get(kind, "")).rstrip("/"),
+                api_key=p.api_key,
+                send_actor_headers=p.send_actor_headers,
+                max_retries=p.max_retries,
+            )
         )
-    return out
+    check_providers(providers, "providers")
+    return {p.name: p for p in providers}
 
 
 def api_keys_from_proto(req: control_pb2.PutApiKeysRequest) -> dict[str, ClientKey]:
     """Validate a PutApiKeys request and return its keys by lower-case sha256."""
-    out: dict[str, ClientKey] = {}
-    first: dict[str, int] = {}
+    keys = []
     for i, k in enumerate(req.api_keys):
-        path = f"api_keys[{i}]"
-        # Lookups hash the presented key to lower-case hex, so that is the only form that matches.
         digest = k.key_sha256.lower()
-        if not _SHA256_HEX.fullmatch(digest):
-            raise InvalidField(f"{path}.key_sha256", "must be 64 hex characters (a sha256)")
-        if digest in first:
-            raise InvalidField(f"{path}.key_sha256", f"duplicate of api_keys[{first[digest]}]")
-        if not k.HasField("actor") or not k.actor.id:
-            raise InvalidField(f"{path}.actor.id", "required")
-        first[digest] = i
         # Metadata is frozen: the snapshot is shared by every request in flight.
         actor = Actor(k.actor.id, k.actor.username, MappingProxyType(dict(k.actor.metadata)))
-        out[digest] = ClientKey(k.key_id or digest[:12], digest, actor, _expiry(k, path))
-    return out
+        keys.append(ClientKey(k.key_id or digest[:12], digest, actor, _expiry(k, f"api_keys[{i}]")))
+    check_api_keys(keys, "api_keys")
+    return {k.sha256: k for k in keys}
 
 
 def mcp_servers_from_proto(req: control_pb2.PutMcpServersRequest) -> dict[str, McpServer]:
     """Validate a PutMcpServers request and return its servers by id."""
-    out: dict[str, McpServer] = {}
-    for i, s in enumerate(req.servers):
-        path = f"servers[{i}]"
-        if not s.id:
-            raise InvalidField(f"{path}.id", "required")
-        # The id becomes part of injected tool names, which providers restrict to this alphabet.
-        if not _matches(MCP_SERVER_ID_PATTERN, s.id):
-            raise InvalidField(f"{path}.id", f"must match {MCP_SERVER_ID_PATTERN}")
-        if s.id in out:
-            raise InvalidField(f"{path}.id", f"duplicate server id {s.id!r}")
-        _check_url(f"{path}.url", s.url)
-        _check_regex(f"{path}.tool_allow_regex", s.tool_allow_regex)
-        _check_regex(f"{path}.tool_deny_regex", s.tool_deny_regex)
-        for name, value in s.headers.items():
-            if not name or not set(name) <= _HEADER_NAME_CHARS:
-                raise InvalidField(f"{path}.headers[{name!r}]", "invalid header name")
-            _check_header_value(f"{path}.headers[{name!r}]", value)
-        headers = MappingProxyType(dict(s.headers))
-        out[s.id] = McpServer(s.id, s.url, s.tool_allow_regex, s.tool_deny_regex, headers)
-    return out
+    servers = [
+        McpServer(
+            s.id,
+            s.url,
+            s.tool_allow_regex,
+            s.tool_deny_regex,
+            MappingProxyType(dict(s.headers)),
+        )
+        for s in req.servers
+    ]
+    check_mcp_servers(servers, "servers")
+    return {s.id: s for s in servers}
 
 
 def mcp_tokens_from_proto(
     req: control_pb2.PutMcpAccessTokensRequest,
 ) -> dict[tuple[str, str], McpToken]:
     """Validate a PutMcpAccessTokens request and return its tokens by (actor id, server id)."""
-    out: dict[tuple[str, str], McpToken] = {}
-    first: dict[tuple[str, str], int] = {}
-    for i, t in enumerate(req.tokens):
-        path = f"tokens[{i}]"
-        for name, value in (("actor_id", t.actor_id), ("server_id", t.server_id)):
-            if not value:
-                raise InvalidField(f"{path}.{name}", "required")
-        if not t.token:
-            raise InvalidField(f"{path}.token", "required")
-        # Sent as "Authorization: Bearer <token>"; never echoed in the error.
-        _check_header_value(f"{path}.token", t.token)
-        key = (t.actor_id, t.server_id)
-        if key in first:
-            raise InvalidField(path, f"duplicate of tokens[{first[key]}] (same actor and server)")
-        first[key] = i
-        out[key] = McpToken(t.actor_id, t.server_id, t.token, _expiry(t, path))
-    return out
+    tokens = [
+        McpToken(t.actor_id, t.server_id, t.token, _expiry(t, f"tokens[{i}]"))
+        for i, t in enumerate(req.tokens)
+    ]
+    check_mcp_tokens(tokens, "tokens")
+    return {(t.actor_id, t.server_id): t for t in tokens}
 
 
 # -- usage records ----------------------------------------------------------------------------
@@ -272,7 +209,11 @@ def _token_usage(p: Mapping[str, Any]) -> control_pb2.TokenUsage:
 
 
 def record_to_proto(rec: SpooledRecord) -> control_pb2.UsageRecord:
-    """The ``UsageRecord`` for a spooled record; ValueError for an unknown kind."""
+    """The ``UsageRecord`` for a spooled record; ValueError for an unknown kind.
+
+    A malformed payload raises whatever its conversion hits: :func:`deliverable` is the form
+    that never raises.
+    """
     p = rec.payload
     out = control_pb2.UsageRecord(
         seq=rec.seq,
@@ -316,3 +257,58 @@ def record_to_proto(rec: SpooledRecord) -> control_pb2.UsageRecord:
         case _:
             raise ValueError(f"unknown record kind {rec.kind!r}")
     return out
+
+
+KINDS = frozenset(
+    {
+        "interception_started",
+        "interception_ended",
+        "token_usage",
+        "prompt_usage",
+        "tool_usage",
+        "model_thought",
+    }
+)
+
+
+def deliverable(rec: SpooledRecord) -> tuple[control_pb2.UsageRecord, str, str]:
+    """``(record, reason, detail)``; never raises, so one bad record cannot stop the stream.
+
+    ``reason`` is "" for a converted record; otherwise the record is an ``UnknownRecord``
+    carrying the spooled JSON, ``reason`` is ``unknown_kind`` (a kind from a newer daemon) or
+    ``malformed`` (a payload without its kind's shape), and ``detail`` says what failed without
+    quoting the payload (it holds prompts).
+    """
+    if not isinstance(rec.kind, str) or not rec.kind:
+        reason, detail = "malformed", "no kind"
+    elif rec.kind not in KINDS:
+        reason, detail = "unknown_kind", f"unknown kind {rec.kind[:64]!r}"
+    else:
+        try:
+            return record_to_proto(rec), "", ""
+        # Whatever a payload of the wrong shape makes the conversion raise (AttributeError for a
+        # list where an object belongs, ValueError for an out-of-range number, ...).
+        except Exception as exc:
+            reason, detail = "malformed", type(exc).__name__
+    return _unknown(rec, reason), reason, detail
+
+
+def _unknown(rec: SpooledRecord, reason: str) -> control_pb2.UsageRecord:
+    out = control_pb2.UsageRecord(
+        seq=rec.seq, record_id=_text(rec.record_id), interception_id=_text(rec.interception_id)
+    )
+    # Left unset when the time stamp is itself what is malformed.
+    with contextlib.suppress(TypeError, ValueError, OverflowError):
+        out.created_at.CopyFrom(timestamp(rec.created_at))
+    try:
+        payload = orjson.dumps(rec.payload)
+    except (TypeError, orjson.JSONEncodeError):
+        payload = b""
+    out.unknown.CopyFrom(
+        control_pb2.UnknownRecord(kind=_text(rec.kind), payload=payload, reason=reason)
+    )
+    return out
+
+
+def _text(value: object) -> str:
+    return value if isinstance(value, str) else "" if value is None else str(value)

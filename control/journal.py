@@ -41,6 +41,7 @@ class Journal:
         self.path = path
         fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
         try:
+            os.fchmod(fd, 0o600)  # it holds prompts: owner only, even if an earlier run made it
             # Emptied (it was replayed before this), then its blocks reserved: a store into a
             # page never needs a new block, which on a full disk would kill the process
             # (SIGBUS), and never reads the disk (reserved blocks read as zeros).

@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import hmac
 import logging
+import socket
+import ssl
 from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -13,6 +16,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from control.v1 import control_pb2, control_pb2_grpc
+from gateway.config import ConfigError, host_port
 
 log = logging.getLogger("aibridged.control")
 
@@ -28,6 +32,9 @@ _SERVER_OPTIONS = [
     ("grpc.http2.min_ping_interval_without_data_ms", 10_000),
     ("grpc.keepalive_permit_without_calls", 1),
     ("grpc.max_receive_message_length", 64 * 1024 * 1024),
+    # gRPC sets SO_REUSEPORT by default: a second daemon on the same control port would then
+    # share it silently (each getting some of the host's calls) instead of failing to start.
+    ("grpc.so_reuseport", 0),
 ]
 
 
@@ -72,15 +79,123 @@ class BearerTokenInterceptor(grpc.aio.ServerInterceptor):
         await context.abort(grpc.StatusCode.UNAUTHENTICATED, "invalid or missing control token")
 
 
-def _credentials(
-    cert: Path | None, key: Path | None, client_ca: Path | None
-) -> grpc.ServerCredentials | None:
+@dataclass(frozen=True)
+class TlsFiles:
+    """The control plane's certificate chain, private key and optional client CA, as read."""
+
+    cert: bytes = field(repr=False)
+    key: bytes = field(repr=False)
+    client_ca: bytes | None = field(default=None, repr=False)
+
+
+def load_tls(cert: Path | None, key: Path | None, client_ca: Path | None) -> TlsFiles | None:
+    """Read and check the TLS files; :class:`ConfigError` names the setting at fault.
+
+    Checked here with the ``ssl`` module because gRPC would only fail when binding, with its
+    own log lines and no word of which file.
+    """
     if cert is None or key is None:
         return None
+    files = TlsFiles(
+        _read("control_tls_cert_file", cert),
+        _read("control_tls_key_file", key),
+        _read("control_tls_client_ca_file", client_ca) if client_ca else None,
+    )
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    try:
+        # The callback refuses an encrypted key rather than prompting on the terminal.
+        context.load_cert_chain(cert, key, password=lambda: b"")
+    except (ssl.SSLError, ValueError) as exc:
+        if b"CERTIFICATE" not in files.cert:
+            where = "control_tls_cert_file"
+        elif b"PRIVATE KEY" not in files.key:
+            where = "control_tls_key_file"
+        else:  # both look right on their own: they do not belong together
+            where = "control_tls_cert_file, control_tls_key_file"
+        raise ConfigError(
+            f"{where}: not a usable PEM certificate chain and private key: {_reason(exc)}"
+        ) from None
+    if client_ca is not None:
+        try:
+            context.load_verify_locations(cafile=client_ca)
+        except (ssl.SSLError, ValueError) as exc:
+            raise ConfigError(
+                f"control_tls_client_ca_file: not a usable PEM CA certificate: {_reason(exc)}"
+            ) from None
+    return files
+
+
+def _read(setting: str, path: Path) -> bytes:
+    try:
+        return path.read_bytes()
+    except OSError as exc:
+        raise ConfigError(f"{setting}: cannot read {path}: {exc.strerror or exc}") from None
+
+
+def _reason(exc: Exception) -> str:
+    return getattr(exc, "reason", None) or str(exc) or type(exc).__name__
+
+
+def check_bindable(address: str) -> None:
+    """:class:`ConfigError` naming ``control_listen`` when ``address`` cannot be bound.
+
+    gRPC reports a failed bind as a RuntimeError plus a log line of its own on stderr; trying
+    the address first gives one clear line instead (a race with another process binding it in
+    between is still caught, less prettily, by ControlServer).
+    """
+    if address.startswith("unix:"):
+        parent = Path(address.removeprefix("unix:").removeprefix("//")).parent
+        if not parent.is_dir():
+            raise ConfigError(f"control_listen: cannot listen on {address}: no directory {parent}")
+        return
+    host, port = host_port(address)
+    try:
+        infos = socket.getaddrinfo(host or None, port, type=socket.SOCK_STREAM)
+        family, kind, proto, _, sockaddr = infos[0]
+        with socket.socket(family, kind, proto) as probe:
+            # Like gRPC: SO_REUSEADDR, so a port in TIME_WAIT is not reported as taken.
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            probe.bind(sockaddr)
+    except OSError as exc:
+        reason = exc.strerror or str(exc)
+        raise ConfigError(f"control_listen: cannot listen on {address}: {reason}") from None
+
+
+def _credentials(tls: TlsFiles | None) -> grpc.ServerCredentials | None:
+    if tls is None:
+        return None
     return grpc.ssl_server_credentials(
-        [(key.read_bytes(), cert.read_bytes())],
-        root_certificates=client_ca.read_bytes() if client_ca else None,
-        require_client_auth=client_ca is not None,
+        [(tls.key, tls.cert)],
+        root_certificates=tls.client_ca,
+        require_client_auth=tls.client_ca is not None,
+    )
+
+
+class _Health(health.aio.HealthServicer):
+    """Health whose data-plane status is read from ``ready`` at each Check.
+
+    A stored status is updated by a task after each change; read live, a probe of the data
+    plane's gRPC health and ``/readyz`` give the same answer at every moment.
+    """
+
+    def __init__(self, ready: Callable[[], bool] | None) -> None:
+        super().__init__()
+        self._ready = ready
+
+    async def Check(
+        self, request: health_pb2.HealthCheckRequest, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> health_pb2.HealthCheckResponse:
+        if self._ready is not None and request.service == DATA_PLANE_SERVICE:
+            return _response(self._ready())
+        response: health_pb2.HealthCheckResponse = await super().Check(request, context)
+        return response
+
+
+def _response(ready: bool) -> health_pb2.HealthCheckResponse:
+    return health_pb2.HealthCheckResponse(
+        status=health_pb2.HealthCheckResponse.SERVING
+        if ready
+        else health_pb2.HealthCheckResponse.NOT_SERVING
     )
 
 
@@ -92,25 +207,30 @@ class ControlServer:
         servicer: control_pb2_grpc.ControlServiceServicer,
         token: str,
         address: str,
-        tls: tuple[Path | None, Path | None, Path | None] = (None, None, None),
+        tls: TlsFiles | None = None,
+        ready: Callable[[], bool] | None = None,
     ) -> None:
+        """``ready``, when given, is the data plane's readiness, read at each health Check."""
         self.server = grpc.aio.server(
             interceptors=[BearerTokenInterceptor(token)], options=_SERVER_OPTIONS
         )
         control_pb2_grpc.add_ControlServiceServicer_to_server(servicer, self.server)
-        self.health = health.aio.HealthServicer()
+        self.health = _Health(ready)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
         reflection.enable_server_reflection(
             (CONTROL_SERVICE, health.SERVICE_NAME, reflection.SERVICE_NAME), self.server
         )
-        credentials = _credentials(*tls)
+        credentials = _credentials(tls)
         # grpc wants unix:// or unix:/abs/path; our setting uses unix:/path like the data plane.
-        if credentials is None:
-            self.port = self.server.add_insecure_port(address)
-        else:
-            self.port = self.server.add_secure_port(address, credentials)
+        try:
+            if credentials is None:
+                self.port = self.server.add_insecure_port(address)
+            else:
+                self.port = self.server.add_secure_port(address, credentials)
+        except RuntimeError:  # gRPC's "Failed to bind to address ..."
+            raise ConfigError(f"control_listen: cannot listen on {address}") from None
         if self.port == 0 and not address.startswith("unix:"):
-            raise OSError(f"cannot listen on {address}")
+            raise ConfigError(f"control_listen: cannot listen on {address}")
         self.address = address
 
     async def start(self, data_plane_ready: bool) -> None:
@@ -121,13 +241,8 @@ class ControlServer:
         await self.set_ready(data_plane_ready)
 
     async def set_ready(self, ready: bool) -> None:
-        """Report the data plane's readiness over gRPC health."""
-        status = (
-            health_pb2.HealthCheckResponse.SERVING
-            if ready
-            else health_pb2.HealthCheckResponse.NOT_SERVING
-        )
-        await self.health.set(DATA_PLANE_SERVICE, status)
+        """Report the data plane's readiness to health Watch streams (Check reads it live)."""
+        await self.health.set(DATA_PLANE_SERVICE, _response(ready).status)
 
     async def begin_shutdown(self) -> None:
         """Tell probes we are going (NOT_SERVING everywhere) while RPCs still work."""

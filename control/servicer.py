@@ -47,12 +47,15 @@ class ControlServicer(control_pb2_grpc.ControlServiceServicer):
         stop: asyncio.Event,
         on_change: Callable[[], None],
         started_at: float,
+        ready: Callable[[], bool] | None = None,
     ) -> None:
+        """``ready`` is the data plane's readiness (what ``/readyz`` answers), for GetStatus."""
         self._state = state
         self._spool = spool
         self._stop = stop
         self._on_change = on_change
         self._started_at = started_at
+        self._ready = ready or (lambda: self._state.current.configured and not self._stop.is_set())
 
     async def PutProviders(
         self, request: control_pb2.PutProvidersRequest, context: Ctx
@@ -109,7 +112,7 @@ class ControlServicer(control_pb2_grpc.ControlServiceServicer):
             spool_epoch=self._spool.epoch,
             high_watermark=self._spool.high_watermark,
             dropped_records=self._spool.dropped,
-            ready=snap.configured and not self._stop.is_set(),
+            ready=self._ready(),
         )
 
     async def StreamUsage(

@@ -1,18 +1,17 @@
 """SQLite WAL spool: every record is written here first, in batches, off the event loop.
 
 ``submit`` is synchronous and never blocks (it runs on the request path): it serialises the record,
-gives it its sequence number and hands it to one writer thread that owns the database. The thread
-commits whatever has accumulated as one statement (one implicit transaction) per batch, after a
-short linger so that batches are large; at once when someone waits in ``flush``. ``persist``,
-which every response calls before its last byte, does not wait for that: it copies the records
-into the journal (``control.journal``, a memory-mapped file), and the next start replays whatever
-SQLite had not committed. The spool is the buffer between the data plane and the host, so nothing is
-delivered that was not first made durable here.
+gives it its sequence number and hands it to one writer thread that owns the database
+(``control.spool_writer``). ``persist``, which every response calls before its last byte, does not
+wait for that: it copies the records into the journal (``control.journal``, a memory-mapped file),
+and the next start replays whatever SQLite had not committed. The spool is the buffer between the
+data plane and the host, so nothing is delivered that was not first made durable here.
 
-Why a dedicated thread and one statement per batch: every call into sqlite3 releases the GIL and
-must win it back from a busy event loop, which can take a whole switch interval. Fewer calls per
-batch keep the commit latency (and so the time a finished response waits for its records) low.
-The file itself (schema, recovery, statements) is ``control.spool_file``.
+Reads run on a connection and thread of their own (``control.spool_reader``) and ``ack`` is
+recorded in memory at once: a stalled disk write holds back neither ``StreamUsage``, ``GetStatus``
+nor ``AckUsage``. At start the spool takes its lock, replays the journal and ends what the last
+run left open (``control.spool_recovery``); at close, each record it could not commit is in the
+journal or counted as dropped, never lost silently. The file itself is ``control.spool_file``.
 """
 
 from __future__ import annotations
@@ -20,17 +19,20 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import threading
 import time
-from collections import deque
-from collections.abc import Callable
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 import orjson
 
-from control.journal import Journal, read_journal
-from control.spool_file import Run, SpooledRecord, SpoolFile, record_time
+from control.journal import Journal
+from control.record_json import sanitised_json
+from control.spool_file import SpooledRecord, lock_spool
+from control.spool_reader import SpoolReader
+from control.spool_recovery import interrupted, recover, report_unwritten
+from control.spool_writer import SpoolWriter
 from gateway.metrics import (
     SPOOL_HIGH_WATERMARK,
     SPOOL_RECORDS,
@@ -42,18 +44,9 @@ from gateway.records import Record
 __all__ = ["Spool", "SpooledRecord"]
 
 log = logging.getLogger("aibridged.spool")
-T = TypeVar("T")
-
-# Rows per statement at most (a backlog after a disk stall is written in several).
-_BATCH_MAX = 2000
-# How often the writer enforces the spool's bounds (max records, max age).
-_BOUNDS_EVERY = 5.0
 
 
-_Job = tuple[Callable[..., Any], tuple[Any, ...], "asyncio.Future[Any]"]
-
-
-class Spool:
+class Spool(SpoolWriter):
     """Durable, batched record store implementing the data plane's ``UsageSink``."""
 
     def __init__(
@@ -71,10 +64,7 @@ class Spool:
         self.dropped = 0
         self.high_watermark = 0
         self.acked_through = 0
-        self._max_records = max_records
-        self._max_age = max_age
         self._queue_max = queue_max
-        self._linger = linger
         self._written_event = asyncio.Event()
         self._acked_event = asyncio.Event()
         # A record's sequence number is implied by its position: the n-th record submitted since
@@ -84,6 +74,7 @@ class Spool:
         self._journal: Journal | None = None
         self._unjournaled: list[bytes] = []
         self._journaled_through = 0
+        self._journal_full_logged = False
         # Loop side: counts and the flush waiters, (records submitted before, future) in order.
         self._submitted = 0
         self._written = 0
@@ -97,24 +88,12 @@ class Spool:
         self._written_at_check = 0
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
-        # Used on the writer thread only; the thread runs until _writer returns.
-        self._file: SpoolFile | None = None
-        self._running = False
-        self._write_failing = False
-        # Shared with the writer thread without a lock (deques are thread-safe; each flag has
-        # one writer per transition, see _writer_main). Waking the thread is one lock release,
-        # and only when a flag says it is asleep.
-        self._rows: deque[bytes] = deque()
-        self._writer_seq = 1
-        self._jobs: deque[_Job] = deque()
-        self._urgent = False
-        self._idle = False
-        self._lingering = False
-        self._stopping = False
-        # Released by the loop to wake the thread, which sleeps acquiring it. Releasing a lock
-        # keeps the GIL (a pipe write would hand it to the thread in the middle of a request).
-        self._signal = threading.Lock()
-        self._signal.acquire()
+        # The lock's descriptor, and the reads (a connection and thread of their own).
+        self._lock: int | None = None
+        self._reader: SpoolReader | None = None
+        # Shared with the writer thread (control.spool_writer). Waking the thread is one lock
+        # release, and only when a flag says it is asleep.
+        self._init_writer(linger, max_records, max_age)
 
     @property
     def journal_path(self) -> Path:
@@ -122,30 +101,42 @@ class Spool:
         return self.path.with_name(self.path.name + ".journal")
 
     async def start(self) -> None:
-        """Open (or recover) the database, replay the journal, start the writer thread."""
+        """Lock and open (or recover) the spool, replay the journal, start the writer thread.
+
+        Raises ``ConfigError`` when another process has the spool open.
+        """
         self._loop = asyncio.get_running_loop()
-        opened = await asyncio.to_thread(SpoolFile.open, self.path)
-        self._file, self.epoch, self.high_watermark, self.acked_through = opened
-        replayed = await asyncio.to_thread(self._replay_journal, self._file)
-        if replayed:
+        self._lock = await asyncio.to_thread(lock_spool, self.path)
+        try:
+            got = await asyncio.to_thread(recover, self.path, self.journal_path)
+        except BaseException:
+            self._release()
+            raise
+        if got.unreadable:
+            self.dropped += got.unreadable
+            USAGE_RECORDS_DROPPED.labels("journal_unreadable").inc(got.unreadable)
+        if got.replayed:
             log.warning(
                 "usage journal replayed: records of the last run committed now",
-                extra={"records": replayed},
+                extra={"records": got.replayed},
             )
-        try:
-            self._journal = Journal(self.journal_path, self.epoch)
-        except OSError as exc:
-            log.error(
-                "usage journal unavailable: responses wait for the SQLite commit instead",
-                extra={"error": f"{type(exc).__name__}: {exc}"},
-            )
-        self._seq_base = self.high_watermark
+        self._file, self._reader, self._journal = got.file, got.reader, got.journal
+        self.epoch, self.high_watermark = got.epoch, got.high_watermark
+        self._seq_base = self._journaled_through = self.high_watermark
         self._writer_seq = self.high_watermark + 1
-        self._journaled_through = self.high_watermark
+        self.acked_through = self._ack_target = self._acks_applied = got.acked_through
         SPOOL_HIGH_WATERMARK.set(self.high_watermark)
         self._thread = threading.Thread(target=self._writer, name="spool-writer", daemon=True)
         self._running = True
         self._thread.start()
+        if got.left_open:
+            for record in interrupted(got.left_open):
+                self.submit(record)
+            await self.persist()
+            log.warning(
+                "interceptions the last run left open are ended as interrupted",
+                extra={"interceptions": len(got.left_open)},
+            )
 
     def submit(self, record: Record) -> None:
         """Queue one record for the next batch; never blocks, never raises."""
@@ -163,7 +154,10 @@ class Spool:
             return
         # Only the serialised record is kept (once, in both queues): no per-record tuple or
         # time stamp, the sequence number is implied (see _seq_base).
-        payload = orjson.dumps(record)
+        try:
+            payload = orjson.dumps(record)
+        except TypeError:  # orjson.JSONEncodeError: text that is not UTF-8, a huge integer
+            payload = sanitised_json(record)
         self._submitted += 1
         self._unjournaled.append(payload)
         self._rows.append(payload)
@@ -191,6 +185,14 @@ class Spool:
             last - len(self._unjournaled) + 1, self._unjournaled, self.high_watermark
         ):
             SPOOL_WRITE_PROBLEMS.labels("journal_full").inc()
+            if self.degraded and not self._journal_full_logged:
+                self._journal_full_logged = True
+                log.error(
+                    "usage journal full while the spool cannot write: new records are kept in"
+                    " memory only until the disk recovers (counted as dropped if the daemon"
+                    " stops first, lost if it is killed)",
+                    extra={"pending": self.pending},
+                )
             return False
         self._unjournaled = []
         self._journaled_through = last
@@ -224,94 +226,83 @@ class Spool:
         await future
 
     async def close(self) -> None:
-        """Write what is queued (for up to ``flush_timeout``), stop the writer, close the file."""
-        if self._thread is None:
+        """Write what is queued (for up to ``flush_timeout``), stop the writer, release the spool.
+
+        What could not be committed is either in the journal (logged as kept, replayed at the
+        next start) or counted and logged as dropped.
+        """
+        thread = self._thread
+        if thread is None:
             return
         if self._unjournaled:
             self._journal_records()
-        if self._thread.is_alive():
-            await self._drain()
-            try:
-                assert self._file is not None
-                await asyncio.wait_for(self._run(self._file.close), self._flush_timeout)
-            except TimeoutError:
-                log.error("usage spool writer is stuck (disk hung?): closing without it")
+        # Even when degraded: the writer retries failed batches, give it flush_timeout.
+        target, deadline = self._submitted, time.monotonic() + self._flush_timeout
+        while self._written < target and self._running:
+            if (left := deadline - time.monotonic()) <= 0:
+                break
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._wait_committed(target), left)
         if self._stall_timer is not None:
             self._stall_timer.cancel()
             self._stall_timer = None
         self._stopping = True
         self._wake()
-        self._thread.join(timeout=5.0)
+        # The writer finishes its batch, or gives up at the first failure, then closes its file.
+        await asyncio.to_thread(thread.join, self._flush_timeout)
+        self._abandoned = True
         self._thread = None
-        if self._journal is not None:  # already restarted by the last commit if SQLite caught up
-            self._journal.close()
-            self._journal = None
-
-    def _replay_journal(self, file: SpoolFile) -> int:
-        """Commit the journal's records that SQLite does not have (killed before it did)."""
-        runs: list[Run] = []
-        replayed = 0
-        for seq, line in read_journal(self.journal_path, self.epoch):
-            if seq <= self.high_watermark:
-                continue
-            try:
-                created_at = record_time(orjson.loads(line))
-            except (orjson.JSONDecodeError, TypeError):
-                log.error("usage journal holds an unreadable record: skipped", extra={"seq": seq})
-                continue
-            last = runs[-1] if runs else None
-            if last is not None and last[0] + len(last[2]) == seq and len(last[2]) < _BATCH_MAX:
-                last[2].append(line)
-            else:
-                runs.append((seq, created_at, [line]))
-            replayed += 1
-        for run in runs:
-            self.high_watermark = file.insert([run])
-        return replayed
-
-    async def _drain(self) -> None:
-        # Even when degraded: the writer retries failed batches, give it flush_timeout.
-        target = self._submitted
-        deadline = time.monotonic() + self._flush_timeout
-        while self._written < target and self._running:
-            left = deadline - time.monotonic()
-            if left <= 0:
-                break
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._wait_committed(target), left)
-        lost = target - self._written
-        if lost > 0 and self._journal is not None:
-            log.error(
-                "usage spool closing with records it could not commit: kept in the journal,"
-                " committed at the next start",
-                extra={"records": lost},
-            )
-        elif lost > 0:
+        # The writer is done (unless stuck in a hung write): its count is final.
+        journaled = self._journaled_through if self._journal is not None else 0
+        last = self._seq_base + self._submitted
+        lost = report_unwritten(self._writer_seq - 1, journaled, last, thread.is_alive())
+        if lost:
             self.dropped += lost
             USAGE_RECORDS_DROPPED.labels("shutdown").inc(lost)
-            log.error(
-                "usage spool closing with records it could not write: DROPPED",
-                extra={"dropped": lost, "dropped_total": self.dropped},
-            )
+        self._release()
+
+    def _release(self) -> None:
+        """Close the journal and the reads, give the lock back."""
+        if self._journal is not None:
+            self._journal.close()
+            self._journal = None
+        if self._reader is not None:
+            self._reader.close()
+            self._reader = None
+        if self._lock is not None:
+            os.close(self._lock)
+            self._lock = None
 
     async def read_after(self, seq: int, limit: int = 500) -> list[SpooledRecord]:
-        """Records with a sequence number above ``seq``, oldest first."""
-        assert self._file is not None
-        return await self._run(self._file.select, seq, limit)
+        """Unacknowledged records with a sequence number above ``seq``, oldest first."""
+        return await self._reads().select(max(seq, self.acked_through), limit)
 
     async def ack(self, through_seq: int) -> int:
-        """Delete records up to ``through_seq``; returns how many were removed."""
-        assert self._file is not None
-        removed = await self._run(self._file.delete, through_seq)
-        if through_seq > self.acked_through:
-            self.acked_through = min(through_seq, self.high_watermark)
-            self._notify("_acked_event")
+        """Acknowledge records up to ``through_seq``; returns how many that acknowledged.
+
+        Recorded at once (reads no longer return them); the writer thread deletes them with its
+        next batch, so a stalled disk does not hold the host back. Should the process die before
+        that, they are delivered again (at least once).
+        """
+        reader = self._reads()
+        previous = self.acked_through
+        through = min(through_seq, self.high_watermark)
+        if through <= previous:
+            return 0
+        self.acked_through = through
+        self._notify("_acked_event")
+        # Counted before the writer may delete them.
+        removed = await reader.count_between(previous, through)
+        if through > self._ack_target:
+            self._ack_target = through
+            if self._idle:
+                self._idle = False
+                self._wake()
         return removed
 
     async def stats(self) -> tuple[int, float | None]:
         """``(records in the spool, created_at of the oldest)``."""
-        assert self._file is not None
-        depth, oldest = await self._run(self._file.stats)
+        depth, oldest = await self._reads().stats(self.acked_through)
         SPOOL_RECORDS.set(depth)
         return depth, oldest
 
@@ -337,24 +328,15 @@ class Spool:
 
     # -- loop side ----------------------------------------------------------------------------
 
-    async def _run(self, fn: Callable[..., T], *args: Any) -> T:
-        """Run ``fn(*args)`` on the writer thread (it owns the connection)."""
-        if not self._running or self._loop is None:
-            raise RuntimeError("spool writer is not running")
-        future: asyncio.Future[T] = self._loop.create_future()
-        self._jobs.append((fn, args, future))
-        if self._idle or self._lingering:
-            self._wake()
-        return await future
-
-    def _wake(self) -> None:
-        # RuntimeError: already released, a wake-up is pending.
-        with contextlib.suppress(RuntimeError):
-            self._signal.release()
+    def _reads(self) -> SpoolReader:
+        if self._reader is None:
+            raise RuntimeError("spool is not open")
+        return self._reader
 
     def _committed(self, count: int, high: int) -> None:
         if self.degraded:
             self.degraded = False
+            self._journal_full_logged = False
             log.warning("usage spool writes again: responses wait for their records again")
         self._written += count
         if high > self.high_watermark:
@@ -414,102 +396,7 @@ class Spool:
                     extra={"reason": reason, "dropped": count, "dropped_total": self.dropped},
                 )
 
-    # -- writer thread ------------------------------------------------------------------------
-
-    def _writer(self) -> None:
-        try:
-            self._writer_main()
-        except BaseException:
-            log.exception("usage spool writer stopped")
-            raise
-        finally:
-            self._running = False
-
-    def _writer_main(self) -> None:
-        file = self._file
-        assert file is not None
-        next_bounds_check = 0.0
-        # Right after a batch the writer stays "warm": it lingers even with nothing queued, so
-        # a busy gateway's records never need a wake-up, only its flushes do.
-        warm = False
-        # Each flag is published before the state it guards is checked (and the loop side
-        # changes that state before it reads the flag), so a wake-up is never lost; at worst
-        # one is spurious.
-        while True:
-            if not warm:
-                self._idle = True
-                if not (self._rows or self._jobs or self._stopping):
-                    self._sleep(None)
-                self._idle = False
-            if not (self._jobs or self._urgent or self._stopping):
-                # Linger briefly so a quiet gateway writes a few large transactions.
-                self._lingering = True
-                if not (self._jobs or self._urgent or self._stopping):
-                    self._sleep(self._linger)
-                self._lingering = False
-            # Cleared before the rows are taken: a flush for rows that miss this batch sets it
-            # again after appending them.
-            self._urgent = False
-            rows = _take(self._rows, _BATCH_MAX)
-            jobs = _take(self._jobs, len(self._jobs))
-            if self._rows:
-                self._urgent = True  # a backlog (after a stall): next batch at once
-            if self._stopping and not rows and not jobs:
-                return
-            warm = bool(rows)
-            if rows and self._write(file, rows):
-                now = time.time()
-                if now >= next_bounds_check:
-                    next_bounds_check = now + _BOUNDS_EVERY
-                    try:
-                        trimmed = file.trim(now, self._max_age, self._max_records)
-                        self._post(self._trimmed, *trimmed)
-                    except Exception:
-                        log.exception("usage spool bounds check failed")
-            for fn, args, future in jobs:
-                try:
-                    result = fn(*args)
-                except Exception as exc:  # delivered to the awaiting coroutine
-                    self._post(_fail, future, exc)
-                else:
-                    self._post(_resolve, future, result)
-
-    def _sleep(self, timeout: float | None) -> None:
-        self._signal.acquire(timeout=-1 if timeout is None else timeout)
-
-    def _write(self, file: SpoolFile, rows: list[bytes]) -> bool:
-        try:
-            high = file.insert([(self._writer_seq, time.time(), rows)])
-        except Exception as exc:
-            if not self._write_failing:  # one traceback per outage, not one per retry
-                log.exception("usage spool write failed; retrying the batch every second")
-            self._write_failing = True
-            self._rows.extendleft(reversed(rows))
-            self._post(self._degrade, "error", f"{type(exc).__name__}: {exc}")
-            time.sleep(1.0)
-            return False
-        self._write_failing = False
-        self._writer_seq += len(rows)
-        self._post(self._committed, len(rows), high)
-        return True
-
-    def _post(self, fn: Callable[..., None], *args: Any) -> None:
-        assert self._loop is not None
-        # RuntimeError: the loop is closed, nobody is left to tell.
-        with contextlib.suppress(RuntimeError):
-            self._loop.call_soon_threadsafe(fn, *args)
-
-
-def _take(items: deque[T], limit: int) -> list[T]:
-    popleft = items.popleft
-    return [popleft() for _ in range(min(len(items), limit))]
-
 
 def _resolve(future: asyncio.Future[Any], result: Any) -> None:
     if not future.done():
         future.set_result(result)
-
-
-def _fail(future: asyncio.Future[Any], exc: BaseException) -> None:
-    if not future.done():
-        future.set_exception(exc)

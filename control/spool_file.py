@@ -6,17 +6,29 @@ operating system has it), and the file stays consistent across power loss.
 A row holds a run of consecutive records (up to ``_ROW_MAX``), not one: SQLite's cost is per row
 far more than per byte, and one row per batch cut the writer thread's time per request by half.
 The ``spooled_records`` view shows one row per record for operators.
+
+The files hold prompts: the database, its WAL and shared-memory files, the journal and the lock
+are the owner's only (0600), tightened at start when an earlier version left them wider. One
+daemon per spool: an advisory lock on ``<spool_path>.lock`` is held while the spool is open.
 """
 
 from __future__ import annotations
 
+import fcntl
+import logging
+import os
 import sqlite3
+import stat
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import orjson
+
+from gateway.config import ConfigError
+
+log = logging.getLogger("aibridged.spool")
 
 # No AUTOINCREMENT: it rewrites the sqlite_sequence page in every commit. Sequence numbers still
 # never go back: the spool gives each record the next one explicitly, and the high watermark is
@@ -76,7 +88,11 @@ class SpoolFile:
     @classmethod
     def open(cls, path: Path) -> tuple[SpoolFile, str, int, int]:
         """Open (create or recover) the file: ``(file, epoch, high watermark, acked through)``."""
-        path.parent.mkdir(parents=True, exist_ok=True)
+        # Created 0600 before SQLite opens it: SQLite gives the WAL and shared-memory files it
+        # creates the database file's permissions.
+        os.close(os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600))
+        for name in ("", "-wal", "-shm"):
+            owner_only(path.with_name(path.name + name))
         # Opened on a helper thread, then used only by the writer thread (never concurrently).
         db = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
         db.execute("PRAGMA journal_mode=WAL")
@@ -92,6 +108,13 @@ class SpoolFile:
         # Everything below the oldest remaining record was acknowledged (or trimmed).
         acked = high if first is None else max(int(first) - 1, int(_meta(db, "acked_through") or 0))
         return cls(db, epoch, high, acked), epoch, high, acked
+
+    @classmethod
+    def open_reader(cls, path: Path, epoch: str) -> SpoolFile:
+        """A second connection, for reads only: in WAL mode it never waits for the writer."""
+        db = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+        db.execute("PRAGMA query_only=1")
+        return cls(db, epoch, 0, 0)
 
     def close(self) -> None:
         """Close the connection."""
@@ -116,9 +139,12 @@ class SpoolFile:
         self._seq = max(self._seq, first + len(records) - 1)
         return self._seq
 
-    def select(self, seq: int, limit: int) -> list[SpooledRecord]:
-        """Records with a sequence number above ``seq``, oldest first."""
-        after = max(seq, self._acked)
+    def select(self, after: int, limit: int) -> list[SpooledRecord]:
+        """Records with a sequence number above ``after``, oldest first.
+
+        ``after`` is at least the acknowledged sequence number (acknowledged records may still
+        be in the file: the writer deletes them when it gets to it).
+        """
         # From the row holding ``after`` (it may hold later records too), or the next one.
         cur = self._db.execute(
             "SELECT seq, payload, record_id FROM records WHERE seq >= coalesce("
@@ -131,10 +157,15 @@ class SpoolFile:
             skip = max(0, after - first + 1)
             for i in range(skip, min(len(lines), skip + limit - len(out))):
                 n = first + i
-                record = orjson.loads(lines[i])
                 record_id = legacy_id or f"{self._epoch}:{n}"
-                kind, interception_id = record["kind"], record["interception_id"]
-                at = record_time(record)
+                try:
+                    record = orjson.loads(lines[i])
+                    kind, interception_id = record["kind"], record["interception_id"]
+                    at = record_time(record)
+                except (orjson.JSONDecodeError, KeyError, TypeError, ValueError):
+                    # A corrupt line is still delivered (as a record of no known kind): raising
+                    # here would stop every reader at this line on every reconnect.
+                    record, kind, interception_id, at = {}, "", "", 0.0
                 out.append(SpooledRecord(n, record_id, kind, interception_id, at, record))
                 if len(out) == limit:
                     return out
@@ -168,14 +199,54 @@ class SpoolFile:
         # Deleting the newest rows must not let a later batch reuse their sequence numbers.
         _set_meta(self._db, "high_watermark", self._seq)
 
-    def stats(self) -> tuple[int, float | None]:
-        """``(unacknowledged records in the file, created_at of the oldest)``."""
-        total, first, oldest = self._db.execute(
-            "SELECT total(count), MIN(seq), MIN(created_at) FROM records"
+    def stats(self, acked: int | None = None) -> tuple[int, float | None]:
+        """``(records above acked in the file, created_at of the oldest)``; default: the file's."""
+        total, oldest = self._db.execute(
+            "SELECT total(min(count, seq + count - 1 - ?1)), MIN(created_at) FROM records"
+            " WHERE seq + count - 1 > ?1",
+            (self._acked if acked is None else acked,),
         ).fetchone()
-        if first is None:
-            return 0, None
-        return int(total) - max(0, self._acked - int(first) + 1), oldest
+        return int(total), oldest
+
+    def count_between(self, after: int, through: int) -> int:
+        """How many records the file holds with ``after < seq <= through``."""
+        (total,) = self._db.execute(
+            "SELECT total(min(seq + count - 1, ?2) - max(seq, ?1 + 1) + 1) FROM records"
+            " WHERE seq <= ?2 AND seq + count - 1 > ?1",
+            (after, through),
+        ).fetchone()
+        return int(total)
+
+    def open_interceptions(self) -> list[str]:
+        """Ids of unacknowledged ``interception_started`` records with no end record after them.
+
+        An interception's end is always spooled after its start, so one pass in sequence order
+        keeps only the interceptions open at that point in memory. A record is decoded only
+        when its line names one of the two kinds (most are usage records).
+        """
+        open_: dict[str, None] = {}
+        rows = self._db.execute(
+            "SELECT seq, payload FROM records WHERE seq + count - 1 > ? ORDER BY seq",
+            (self._acked,),
+        )
+        for first, payload in rows:
+            lines = payload[1:-1].split(b",\n")
+            for line in lines[max(0, self._acked - first + 1) :]:
+                started = b'"interception_started"' in line
+                if not started and b'"interception_ended"' not in line:
+                    continue
+                try:
+                    record = orjson.loads(line)
+                    kind, iid = record["kind"], record["interception_id"]
+                except (orjson.JSONDecodeError, TypeError, KeyError):
+                    continue  # unreadable: StreamUsage reports it, nothing to close here
+                if not isinstance(iid, str):
+                    continue
+                if kind == "interception_started":
+                    open_[iid] = None
+                elif kind == "interception_ended":
+                    open_.pop(iid, None)
+        return list(open_)
 
     def trim(self, now: float, max_age: float, max_records: int) -> tuple[int, int]:
         """Enforce the spool bounds; returns (dropped by count, dropped by age)."""
@@ -199,6 +270,44 @@ class SpoolFile:
             if by_age or by_count:
                 self._keep_high_watermark()
         return by_count, by_age
+
+
+def lock_spool(path: Path) -> int:
+    """Take the spool's advisory lock (``<spool_path>.lock``); the descriptor holds it.
+
+    ConfigError when another process holds it: a second daemon on the same spool would
+    overwrite the first one's journal.
+    """
+    path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+    lock = path.with_name(path.name + ".lock")
+    fd = os.open(lock, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        raise ConfigError(
+            f"spool_path {path}: in use by another aibridged process (it holds {lock.name});"
+            " give each daemon its own spool_path"
+        ) from None
+    except BaseException:
+        os.close(fd)
+        raise
+    owner_only(lock)
+    return fd
+
+
+def owner_only(path: Path) -> None:
+    """Take group and other permissions away from ``path`` if it exists and has any."""
+    try:
+        mode = stat.S_IMODE(path.stat().st_mode)
+    except FileNotFoundError:
+        return
+    if mode & 0o077:
+        path.chmod(mode & 0o700)
+        log.warning(
+            "spool file was readable by others: permissions tightened to its owner",
+            extra={"file": str(path), "mode": f"{mode:o}", "now": f"{mode & 0o700:o}"},
+        )
 
 
 def record_time(record: dict[str, Any]) -> float:

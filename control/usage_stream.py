@@ -4,23 +4,39 @@ At-least-once: records stay in the spool until ``AckUsage``; a host that reconne
 after its cursor (or from the oldest record when its epoch is not the spool's). Memory stays
 bounded whatever the host's speed: one batch is built at a time, each send awaits the transport
 (gRPC flow control), and no more than ``max_in_flight`` records are sent beyond the last ack.
+
+Nothing inside the stream raises on a record's content: a record this daemon cannot convert (a
+kind from a newer daemon, a payload of the wrong shape) goes out as an ``UnknownRecord``, is
+counted and logged once, and every later record still flows.
 """
 
 from __future__ import annotations
 
 import asyncio
+import logging
+from collections import OrderedDict
 from collections.abc import AsyncIterator
 
-from control.convert import record_to_proto
-from control.spool import Spool
+from control.convert import deliverable
+from control.spool import Spool, SpooledRecord
 from control.v1 import control_pb2
-from gateway.metrics import USAGE_RECORDS_DELIVERED
+from gateway.metrics import USAGE_RECORDS_DELIVERED, USAGE_RECORDS_UNCONVERTIBLE
+
+log = logging.getLogger("aibridged.control")
 
 DEFAULT_BATCH = 500
 MAX_BATCH = 5000
 DEFAULT_IN_FLIGHT = 10_000
+# A batch stops growing past this size: gRPC clients refuse messages over 4 MiB by default, and a
+# batch a host cannot receive would be sent again, in vain, on every reconnect. (A single record
+# larger than the host's limit still goes alone: the host must raise its receive limit.)
+MAX_BATCH_BYTES = 3 << 20
 # An empty batch is sent after this much quiet, so the host can tell a live stream from a dead one.
 HEARTBEAT_SECONDS = 15.0
+# Unconvertible records already logged and counted: a host that reconnects gets them again, and
+# the log must not repeat (nor memory grow) with every resend.
+_SEEN_MAX = 4096
+_seen_unconvertible: OrderedDict[str, None] = OrderedDict()
 
 
 async def stream_usage(
@@ -41,9 +57,9 @@ async def stream_usage(
         if room > 0:
             records = await spool.read_after(cursor, min(max_batch, room))
         if records:
-            cursor = records[-1].seq
-            USAGE_RECORDS_DELIVERED.inc(len(records))
-            yield _batch(spool, [record_to_proto(r) for r in records])
+            batch, cursor = _convert(records)
+            USAGE_RECORDS_DELIVERED.inc(len(batch))
+            yield _batch(spool, batch)
             continue
         # Nothing to send (or the host is too far behind on acks): wait for news.
         wake = acked if room <= 0 else written
@@ -55,9 +71,40 @@ async def stream_usage(
         records = await spool.read_after(cursor, min(max_batch, max(room, 0))) if room > 0 else []
         if not records:
             return
-        cursor = records[-1].seq
-        USAGE_RECORDS_DELIVERED.inc(len(records))
-        yield _batch(spool, [record_to_proto(r) for r in records])
+        batch, cursor = _convert(records)
+        USAGE_RECORDS_DELIVERED.inc(len(batch))
+        yield _batch(spool, batch)
+
+
+def _convert(records: list[SpooledRecord]) -> tuple[list[control_pb2.UsageRecord], int]:
+    """The leading ``records`` that fit in one batch (at least one), converted, and the sequence
+    number of the last one taken (the stream's new cursor)."""
+    out: list[control_pb2.UsageRecord] = []
+    size = 0
+    cursor = records[0].seq
+    for rec in records:
+        message, reason, detail = deliverable(rec)
+        size += message.ByteSize()
+        if out and size > MAX_BATCH_BYTES:
+            break
+        if reason:
+            _unconvertible(rec, reason, detail)
+        out.append(message)
+        cursor = rec.seq
+    return out, cursor
+
+
+def _unconvertible(rec: SpooledRecord, reason: str, detail: str) -> None:
+    if rec.record_id in _seen_unconvertible:
+        return
+    _seen_unconvertible[rec.record_id] = None
+    if len(_seen_unconvertible) > _SEEN_MAX:
+        _seen_unconvertible.popitem(last=False)
+    USAGE_RECORDS_UNCONVERTIBLE.labels(reason).inc()
+    log.warning(
+        "usage record cannot be converted: delivered as UnknownRecord",
+        extra={"record_id": rec.record_id, "seq": rec.seq, "reason": reason, "detail": detail},
+    )
 
 
 def _batch(spool: Spool, records: list[control_pb2.UsageRecord]) -> control_pb2.StreamUsageResponse:

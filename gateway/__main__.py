@@ -10,7 +10,7 @@ from typing import Any
 
 from pydantic import ValidationError
 
-from gateway.config import ConfigError, Settings, load_settings
+from gateway.config import ConfigError, Settings, describe_invalid, load_settings
 from gateway.logs import setup_logging
 
 # Settings that are lists of objects come from the YAML file or JSON env vars, not flags.
@@ -35,26 +35,39 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Entry point of the ``aibridged`` script."""
+    """Entry point of the ``aibridged`` script.
+
+    Exit status 2 with one line on stderr naming the setting when the daemon cannot start
+    (invalid configuration, a port in use, an unreadable file); 0 after a graceful shutdown.
+    """
     args = build_parser().parse_args(argv)
     overrides: dict[str, Any] = {
         k: v for k, v in vars(args).items() if k not in ("command", "config") and v is not None
     }
     try:
         settings = load_settings(args.config, **overrides)
-    except (ConfigError, ValidationError) as exc:
-        print(f"aibridged: invalid configuration: {exc}", file=sys.stderr)
-        return 2
+    except ConfigError as exc:
+        return _cannot_start(str(exc))
+    except ValidationError as exc:
+        return _cannot_start(describe_invalid(exc))
     setup_logging(settings.log_level)
     from gateway.daemon import serve
 
-    if settings.event_loop == "uvloop":
-        import uvloop
+    try:
+        if settings.event_loop == "uvloop":
+            import uvloop
 
-        uvloop.run(serve(settings))
-    else:
-        asyncio.run(serve(settings))
+            uvloop.run(serve(settings))
+        else:
+            asyncio.run(serve(settings))
+    except ConfigError as exc:  # start-up failed; Daemon.start stopped what it had started
+        return _cannot_start(str(exc))
     return 0
+
+
+def _cannot_start(message: str) -> int:
+    print(f"aibridged: {message}", file=sys.stderr)
+    return 2
 
 
 if __name__ == "__main__":

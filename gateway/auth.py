@@ -13,7 +13,7 @@ import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
-from gateway.identity import extract_bearer, mask_secret, sha256_hex
+from gateway.identity import extract_bearer, is_utf8, mask_secret, sha256_hex
 from gateway.records import CredentialKind
 from gateway.state import Actor, Provider, Snapshot
 
@@ -74,6 +74,8 @@ def authenticate(
     if own_key:
         if not snapshot.allow_byok:
             return Refused(403, f"bring-your-own-key is disabled on this gateway ({byok_header})")
+        if not is_utf8(own_key):
+            return Refused(401, f"invalid provider key in {byok_header}: not valid UTF-8")
         return Authenticated(key.actor, _credential(own_key, "byok"))
     if not provider.api_key:
         return Refused(
@@ -92,6 +94,10 @@ def _central_credential(api_key: str) -> Credential:
 
 
 def _personal(api_key: str, bearer: str, provider: Provider) -> Authenticated | Refused:
+    # The client's own key goes upstream and its fingerprint into records: bytes that are not
+    # UTF-8 can be neither, and no provider issues such a key.
+    if not is_utf8(api_key or bearer):
+        return Refused(401, "invalid API key: not valid UTF-8")
     if api_key:
         secret, credential = api_key, _credential(api_key, "byok")
     elif bearer:

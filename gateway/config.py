@@ -2,7 +2,10 @@
 
 Pure data: nothing here opens sockets or reads secrets' contents into logs. Lists (providers,
 API keys, MCP servers) come from the YAML file, or from the environment as JSON
-(``AIBRIDGED_PROVIDERS='[{"name": "anthropic", ...}]'``).
+(``AIBRIDGED_PROVIDERS='[{"name": "anthropic", ...}]'``). This module checks their structure
+(types, required fields); the rules on their values are the state's own
+(``gateway.state.check_*``), shared with the host's pushes, and applied by
+``Snapshot.from_settings``.
 """
 
 from __future__ import annotations
@@ -11,11 +14,13 @@ import re
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 from pydantic_settings import (
     BaseSettings,
     PydanticBaseSettingsSource,
     SettingsConfigDict,
+    SettingsError,
     YamlConfigSettingsSource,
 )
 
@@ -32,21 +37,19 @@ class ProviderConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    name: str = Field(pattern=PROVIDER_NAME_PATTERN)
+    name: str
     type: Literal["anthropic", "openai"]
     base_url: str = ""
     api_key: str | None = Field(default=None, repr=False)
     api_key_env: str | None = None
     send_actor_headers: bool = False
     # Retries before the first byte reaches the client (connection errors, 429, 5xx, 529).
-    max_retries: int = Field(default=0, ge=0, le=10)
+    max_retries: int = 0
 
     @model_validator(mode="after")
     def _defaults(self) -> ProviderConfig:
         if not self.base_url:
             self.base_url = DEFAULT_BASE_URLS[self.type]
-        if not self.base_url.startswith(("http://", "https://")):
-            raise ValueError(f"provider {self.name!r}: base_url must be an http(s) URL")
         return self
 
 
@@ -71,12 +74,6 @@ class ApiKeyConfig(BaseModel):
             )
         if self.key_sha256 is not None:
             self.key_sha256 = self.key_sha256.lower()
-            if len(self.key_sha256) != 64 or any(
-                c not in "0123456789abcdef" for c in self.key_sha256
-            ):
-                raise ValueError(
-                    f"api key of actor {self.actor_id!r}: key_sha256 is not a sha256 hex"
-                )
         return self
 
 
@@ -106,6 +103,13 @@ class Settings(BaseSettings):
     metrics_listen: str = "127.0.0.1:2112"
     spool_path: Path = Path("aibridged.db")
     max_body_bytes: int = Field(default=32 * 1024 * 1024, gt=0)
+    # Slow or idle clients (slowloris): a connection must send a request's headers within
+    # client_header_timeout of its first byte (of opening, for a new connection), the body with no
+    # gap between reads longer than client_body_timeout, and is closed after
+    # client_keepalive_timeout idle between requests (above a load balancer's own idle timeout).
+    client_header_timeout: float = Field(default=10.0, gt=0)
+    client_body_timeout: float = Field(default=60.0, gt=0)
+    client_keepalive_timeout: float = Field(default=75.0, gt=0)
     ping_interval: float = Field(default=10.0, gt=0)
     shutdown_grace: float = Field(default=30.0, ge=0)
     upstream_connect_timeout: float = Field(default=10.0, gt=0)
@@ -157,15 +161,26 @@ class Settings(BaseSettings):
         return self
 
     def control_bearer(self) -> str | None:
-        """The control-plane token, from the setting or its file (stripped); None if unset."""
+        """The control-plane token, from the setting or its file (stripped); None if unset.
+
+        :class:`ConfigError` when the file cannot be read or holds no token.
+        """
         if self.control_token:
             return self.control_token
-        if self.control_token_file is not None:
-            token = self.control_token_file.read_text().strip()
-            if not token:
-                raise ConfigError(f"control token file is empty: {self.control_token_file}")
-            return token
-        return None
+        path = self.control_token_file
+        if path is None:
+            return None
+        try:
+            token = path.read_text(encoding="utf-8").strip()
+        except OSError as exc:
+            raise ConfigError(
+                f"control_token_file: cannot read {path}: {exc.strerror or exc}"
+            ) from None
+        except UnicodeDecodeError:
+            raise ConfigError(f"control_token_file: {path} is not UTF-8 text") from None
+        if not token:
+            raise ConfigError(f"control_token_file: {path} is empty")
+        return token
 
     @field_validator("small_model_pattern")
     @classmethod
@@ -174,15 +189,6 @@ class Settings(BaseSettings):
             re.compile(value)
         except re.error as exc:
             raise ValueError(f"invalid regex: {exc}") from None
-        return value
-
-    @field_validator("providers")
-    @classmethod
-    def _unique_names(cls, value: list[ProviderConfig]) -> list[ProviderConfig]:
-        names = [p.name for p in value]
-        dupes = sorted({n for n in names if names.count(n) > 1})
-        if dupes:
-            raise ValueError(f"duplicate provider name(s): {', '.join(dupes)}")
         return value
 
     @classmethod
@@ -206,18 +212,70 @@ _CONFIG_FILE: dict[str, Path | None] = {"path": None}
 
 
 class ConfigError(Exception):
-    """The configuration is unusable; the message says which setting and why."""
+    """The configuration is unusable; the message (one line) says which setting and why.
+
+    Raised at start-up too, for what only starting reveals (a port in use, an unreadable file):
+    ``aibridged serve`` prints it and exits with status 2.
+    """
 
 
 def load_settings(config_file: Path | None = None, **overrides: Any) -> Settings:
-    """Build settings from the YAML file, the environment and ``overrides`` (flags)."""
+    """Build settings from the YAML file, the environment and ``overrides`` (flags).
+
+    An unreadable file, bad YAML or a bad JSON variable is a :class:`ConfigError`; invalid values
+    are pydantic's ``ValidationError`` (:func:`describe_invalid` makes it one line).
+    """
     if config_file is not None and not config_file.is_file():
-        raise ConfigError(f"config file not found: {config_file}")
+        raise ConfigError(f"invalid configuration: config file not found: {config_file}")
     _CONFIG_FILE["path"] = config_file
     try:
         return Settings(**overrides)
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"invalid configuration: {_yaml_problem(config_file, exc)}") from None
+    except OSError as exc:
+        raise ConfigError(
+            f"invalid configuration: cannot read {config_file}: {exc.strerror or exc}"
+        ) from None
+    except SettingsError as exc:
+        raise ConfigError(f"invalid configuration: {_source_problem(exc)}") from None
     finally:
         _CONFIG_FILE["path"] = None
+
+
+def describe_invalid(exc: ValidationError) -> str:
+    """One line naming each invalid setting, without echoing values (they may be secrets)."""
+    problems = []
+    for error in exc.errors():
+        where = "".join(
+            f"[{part}]" if isinstance(part, int) else f".{part}" for part in error["loc"]
+        )
+        message = str(error["msg"]).removeprefix("Value error, ").replace("\n", " ")
+        problems.append(f"{where.lstrip('.')}: {message}" if where else message)
+    return "invalid configuration: " + "; ".join(problems)
+
+
+def _yaml_problem(path: Path | None, exc: yaml.YAMLError) -> str:
+    mark = getattr(exc, "problem_mark", None)
+    where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+    problem = getattr(exc, "problem", None) or type(exc).__name__
+    return f"{path}: not valid YAML{where}: {problem}"
+
+
+_SOURCE = re.compile(r'field "(\w+)" from source "(\w+)"')
+
+
+def _source_problem(exc: SettingsError) -> str:
+    # pydantic-settings says 'error parsing value for field "providers" from source
+    # "EnvSettingsSource"'; the operator set AIBRIDGED_PROVIDERS, so that is what to name.
+    found = _SOURCE.search(str(exc))
+    if found is None:
+        return str(exc)
+    name, source = found.groups()
+    setting = f"AIBRIDGED_{name.upper()}" if source.startswith("Env") else name
+    # json.JSONDecodeError says where, never the value (which may hold keys).
+    cause = exc.__cause__
+    reason = f"not valid JSON: {cause}" if isinstance(cause, ValueError) else "unreadable value"
+    return f"{setting}: {reason}"
 
 
 def host_port(listen: str) -> tuple[str, int]:

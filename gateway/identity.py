@@ -16,6 +16,7 @@ __all__ = [
     "client_session_id",
     "detect_client",
     "extract_bearer",
+    "is_utf8",
     "mask_secret",
     "sha256_hex",
 ]
@@ -84,8 +85,28 @@ def mask_secret(secret: str) -> str:
 
 
 def sha256_hex(secret: str) -> str:
-    """Return the lowercase hex SHA-256 digest of ``secret`` encoded as UTF-8."""
-    return hashlib.sha256(secret.encode("utf-8")).hexdigest()
+    """Return the lowercase hex SHA-256 digest of ``secret`` encoded as UTF-8.
+
+    Header bytes that are not UTF-8 reach us as lone surrogates (aiohttp decodes header values
+    with ``surrogateescape``); they hash as the bytes the client sent instead of raising, so such
+    a key is simply one that matches nothing.
+    """
+    return hashlib.sha256(secret.encode("utf-8", "surrogateescape")).hexdigest()
+
+
+def is_utf8(value: str) -> bool:
+    """Whether ``value`` (a header value) was valid UTF-8 on the wire.
+
+    aiohttp gives undecodable header bytes as lone surrogates, which cannot be encoded, hashed
+    or serialised as they are. ASCII, the normal case, is answered without encoding anything.
+    """
+    if value.isascii():
+        return True
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 def extract_bearer(value: str | None) -> str:

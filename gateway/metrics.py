@@ -9,7 +9,9 @@ REGISTRY = CollectorRegistry(auto_describe=True)
 USAGE_RECORDS_DROPPED = Counter(
     "aibridged_usage_records_dropped_total",
     "Usage records dropped before the host acknowledged them.",
-    ["reason"],  # queue_full | spool_max_records | spool_max_age | shutdown
+    # queue_full | spool_max_records | spool_max_age | shutdown (neither committed nor in the
+    # journal when the spool closed) | journal_unreadable
+    ["reason"],
     registry=REGISTRY,
 )
 SPOOL_RECORDS = Gauge(
@@ -39,5 +41,12 @@ CONTROL_PUSHES = Counter(
     "aibridged_control_pushes_total",
     "State pushes received from the host.",
     ["kind", "outcome"],  # kind: providers|api_keys|mcp_servers|mcp_tokens
+    registry=REGISTRY,
+)
+USAGE_RECORDS_UNCONVERTIBLE = Counter(
+    "aibridged_usage_records_unconvertible_total",
+    "Spooled records StreamUsage could not convert and delivered as UnknownRecord (once per"
+    " record while it is among the last few thousand seen, not per resend).",
+    ["reason"],  # unknown_kind | malformed
     registry=REGISTRY,
 )

@@ -20,7 +20,8 @@ from typing import Literal
 # field). They are never mutated after they are built.
 
 CredentialKind = Literal["centralized", "byok"]
-EndStatus = Literal["completed", "failed", "client_disconnected"]
+# interrupted: the gateway stopped (crash, kill) mid-interception; written at its next start.
+EndStatus = Literal["completed", "failed", "client_disconnected", "interrupted"]
 
 
 def new_interception_id() -> str:

@@ -3,7 +3,8 @@
 Retries happen only before anything reached the client, so a retried call is invisible to it
 except for the time it took. The rules follow the providers' own SDKs: connection errors and
 408/409/429/5xx/529 are retried, ``x-should-retry`` overrides, ``retry-after(-ms)`` is honoured up
-to a cap, otherwise exponential back-off with jitter.
+to a cap, otherwise exponential back-off with jitter. Header names are matched case-insensitively,
+whatever mapping holds them.
 """
 
 from __future__ import annotations
@@ -15,9 +16,20 @@ INITIAL_DELAY = 0.5
 MAX_DELAY = 8.0
 
 
+def _header(headers: Mapping[str, str], name: str) -> str | None:
+    """``headers[name]`` for a lower-case ``name``, however the mapping spells it."""
+    value = headers.get(name)  # a case-insensitive mapping (aiohttp's) answers here
+    if value is not None:
+        return value
+    for key, found in headers.items():
+        if key.lower() == name:
+            return found
+    return None
+
+
 def should_retry(status: int, headers: Mapping[str, str]) -> bool:
     """Whether an upstream response with ``status`` may be retried."""
-    hint = headers.get("x-should-retry", "").strip().lower()
+    hint = (_header(headers, "x-should-retry") or "").strip().lower()
     if hint == "true":
         return True
     if hint == "false":
@@ -28,7 +40,7 @@ def should_retry(status: int, headers: Mapping[str, str]) -> bool:
 def retry_delay(attempt: int, headers: Mapping[str, str], jitter: float) -> float:
     """Seconds to wait before retry number ``attempt + 1``; ``jitter`` is uniform in [0, 1)."""
     for name, scale in (("retry-after-ms", 0.001), ("retry-after", 1.0)):
-        value = headers.get(name)
+        value = _header(headers, name)
         if value is None:
             continue
         try:

@@ -8,13 +8,27 @@ from __future__ import annotations
 
 import hmac
 import os
-from collections.abc import Mapping
+import re
+import string
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from types import MappingProxyType
 from typing import Any
+from urllib.parse import urlsplit
 
-from gateway.config import DEFAULT_KEY_ENVS, Settings
+from gateway.config import (
+    DEFAULT_BASE_URLS,
+    DEFAULT_KEY_ENVS,
+    PROVIDER_NAME_PATTERN,
+    ConfigError,
+    Settings,
+)
 from gateway.identity import sha256_hex
+
+MAX_RETRIES = 10
+MCP_SERVER_ID_PATTERN = r"^[A-Za-z0-9_-]+$"
+_SHA256_HEX = re.compile(r"[0-9a-f]{64}")
+_HEADER_NAME_CHARS = frozenset(string.ascii_letters + string.digits + "!#$%&'*+-.^_`|~")
 
 
 @dataclass(frozen=True, slots=True)
@@ -87,6 +101,137 @@ class StaleVersion(Exception):
     """A push carried an older version than the one applied."""
 
 
+class InvalidField(ValueError):
+    """A state field is invalid; ``str()`` is ``"<field path>: <reason>"``."""
+
+    def __init__(self, field: str, reason: str) -> None:
+        super().__init__(f"{field}: {reason}")
+        self.field = field
+        self.reason = reason
+
+
+# -- validation -------------------------------------------------------------------------------
+# One set of rules for the state, whether it comes from the YAML file (Snapshot.from_settings)
+# or from a host's push (control.convert): what one path refuses, the other refuses too, so
+# nothing either accepts can fail later on the request path. ``path`` names the list as its
+# source calls it ("mcp_servers" in YAML, "servers" in PutMcpServers).
+
+
+def _matches(pattern: str, value: str) -> bool:
+    # fullmatch, because the patterns end in "$", which re.match also accepts before a
+    # trailing newline: "abc\n" must not pass as a route prefix or a tool-name part.
+    return re.fullmatch(pattern, value) is not None
+
+
+def check_url(path: str, url: str) -> None:
+    """An absolute http(s) URL with a host; the URL is never echoed (it may hold credentials)."""
+    if not url:
+        raise InvalidField(path, "required")
+    if any(ch.isspace() or not ch.isprintable() for ch in url):
+        raise InvalidField(path, "malformed URL: contains whitespace or control characters")
+    try:
+        parts = urlsplit(url)
+        parts.port  # noqa: B018 - raises ValueError on a bad port, which we want to report
+    except ValueError as exc:
+        raise InvalidField(path, f"malformed URL: {exc}") from None
+    if parts.scheme not in ("http", "https"):
+        raise InvalidField(path, "malformed URL: scheme must be http or https")
+    if not parts.hostname:
+        raise InvalidField(path, "malformed URL: missing host")
+
+
+def check_header_value(path: str, value: str) -> None:
+    """A value that goes into an HTTP header verbatim (never echoed: it may be a secret)."""
+    # A CR or LF would split the header (injection); aiohttp would only fail at request time.
+    if any(ch in "\r\n\x00" for ch in value):
+        raise InvalidField(path, "must not contain CR, LF or NUL")
+
+
+def check_regex(path: str, pattern: str) -> None:
+    """A pattern ``re`` compiles (tool filters are compiled on the request path)."""
+    try:
+        re.compile(pattern)
+    except re.error as exc:
+        raise InvalidField(path, f"invalid regex: {exc}") from None
+
+
+def check_providers(providers: Sequence[Provider], path: str = "providers") -> None:
+    """Route-safe unique names, a known type, bounded retries, a usable URL and key."""
+    seen: set[str] = set()
+    for i, p in enumerate(providers):
+        at = f"{path}[{i}]"
+        if not _matches(PROVIDER_NAME_PATTERN, p.name):
+            raise InvalidField(f"{at}.name", f"must match {PROVIDER_NAME_PATTERN}")
+        if p.name in seen:
+            raise InvalidField(f"{at}.name", f"duplicate provider name {p.name!r}")
+        seen.add(p.name)
+        if p.type not in DEFAULT_BASE_URLS:
+            raise InvalidField(f"{at}.type", "unknown provider type")
+        if p.max_retries < 0:
+            raise InvalidField(f"{at}.max_retries", "must not be negative")
+        if p.max_retries > MAX_RETRIES:
+            raise InvalidField(f"{at}.max_retries", f"at most {MAX_RETRIES}")
+        check_url(f"{at}.base_url", p.base_url)
+        check_header_value(f"{at}.api_key", p.api_key)
+
+
+def check_api_keys(
+    keys: Sequence[ClientKey], path: str = "api_keys", actor_id_field: str = "actor.id"
+) -> None:
+    """Lower-case sha256 digests, each once, each with an actor id."""
+    first: dict[str, int] = {}
+    for i, k in enumerate(keys):
+        at = f"{path}[{i}]"
+        # Lookups hash the presented key to lower-case hex, so that is the only form that matches.
+        if not _SHA256_HEX.fullmatch(k.sha256):
+            raise InvalidField(f"{at}.key_sha256", "must be 64 hex characters (a sha256)")
+        if k.sha256 in first:
+            raise InvalidField(f"{at}.key_sha256", f"duplicate of {path}[{first[k.sha256]}]")
+        if not k.actor.id:
+            raise InvalidField(f"{at}.{actor_id_field}", "required")
+        first[k.sha256] = i
+
+
+def check_mcp_servers(servers: Sequence[McpServer], path: str = "servers") -> None:
+    """Unique ids usable in tool names, a usable URL, compilable filters, valid headers."""
+    seen: set[str] = set()
+    for i, s in enumerate(servers):
+        at = f"{path}[{i}]"
+        if not s.id:
+            raise InvalidField(f"{at}.id", "required")
+        # The id becomes part of injected tool names, which providers restrict to this alphabet.
+        if not _matches(MCP_SERVER_ID_PATTERN, s.id):
+            raise InvalidField(f"{at}.id", f"must match {MCP_SERVER_ID_PATTERN}")
+        if s.id in seen:
+            raise InvalidField(f"{at}.id", f"duplicate server id {s.id!r}")
+        seen.add(s.id)
+        check_url(f"{at}.url", s.url)
+        check_regex(f"{at}.tool_allow_regex", s.tool_allow_regex)
+        check_regex(f"{at}.tool_deny_regex", s.tool_deny_regex)
+        for name, value in s.headers.items():
+            if not name or not set(name) <= _HEADER_NAME_CHARS:
+                raise InvalidField(f"{at}.headers[{name!r}]", "invalid header name")
+            check_header_value(f"{at}.headers[{name!r}]", value)
+
+
+def check_mcp_tokens(tokens: Sequence[McpToken], path: str = "tokens") -> None:
+    """Each token names its actor and server, once, and is a valid header value."""
+    first: dict[tuple[str, str], int] = {}
+    for i, t in enumerate(tokens):
+        at = f"{path}[{i}]"
+        for name, value in (("actor_id", t.actor_id), ("server_id", t.server_id)):
+            if not value:
+                raise InvalidField(f"{at}.{name}", "required")
+        if not t.token:
+            raise InvalidField(f"{at}.token", "required")
+        # Sent as "Authorization: Bearer <token>"; never echoed in the error.
+        check_header_value(f"{at}.token", t.token)
+        key = (t.actor_id, t.server_id)
+        if key in first:
+            raise InvalidField(at, f"duplicate of {path}[{first[key]}] (same actor and server)")
+        first[key] = i
+
+
 @dataclass(frozen=True, slots=True)
 class Snapshot:
     """Everything a request needs to know about configuration, frozen."""
@@ -120,25 +265,29 @@ class Snapshot:
 
     @classmethod
     def from_settings(cls, settings: Settings, environ: Mapping[str, str] = os.environ) -> Snapshot:
-        """Build the standalone state from the configuration file and environment."""
-        providers: dict[str, Provider] = {}
-        for p in settings.providers:
-            key = p.api_key or environ.get(p.api_key_env or DEFAULT_KEY_ENVS[p.type], "")
-            providers[p.name] = Provider(
+        """Build the standalone state from the configuration file and environment.
+
+        Checked by the rules the host's pushes follow; :class:`ConfigError` names the first
+        invalid field (``mcp_servers[0].tool_deny_regex: invalid regex: ...``).
+        """
+        providers = [
+            Provider(
                 name=p.name,
                 type=p.type,
                 base_url=p.base_url.rstrip("/"),
-                api_key=key,
+                api_key=p.api_key or _env_key(p.api_key_env or DEFAULT_KEY_ENVS[p.type], environ),
                 send_actor_headers=p.send_actor_headers,
                 max_retries=p.max_retries,
             )
-        keys: dict[str, ClientKey] = {}
+            for p in settings.providers
+        ]
+        keys = []
         for k in settings.api_keys:
             digest = k.key_sha256 or sha256_hex(k.key or "")
             actor = Actor(k.actor_id, k.username, MappingProxyType(dict(k.metadata)))
-            keys[digest] = ClientKey(k.key_id or digest[:12], digest, actor, k.expires_at)
-        servers = {
-            m.id: McpServer(
+            keys.append(ClientKey(k.key_id or digest[:12], digest, actor, k.expires_at))
+        servers = [
+            McpServer(
                 m.id,
                 m.url,
                 m.tool_allow_regex,
@@ -146,14 +295,35 @@ class Snapshot:
                 MappingProxyType(dict(m.headers)),
             )
             for m in settings.mcp_servers
-        }
+        ]
+        try:
+            check_providers(providers, "providers")
+            check_api_keys(keys, "api_keys", actor_id_field="actor_id")
+            check_mcp_servers(servers, "mcp_servers")
+        except InvalidField as exc:
+            raise ConfigError(f"invalid configuration: {exc}") from None
         return cls(
-            MappingProxyType(providers),
-            MappingProxyType(keys),
+            MappingProxyType({p.name: p for p in providers}),
+            MappingProxyType({k.sha256: k for k in keys}),
             settings.allow_byok,
-            mcp_servers=MappingProxyType(servers),
+            mcp_servers=MappingProxyType({m.id: m for m in servers}),
             managed=settings.require_control,
         )
+
+
+def _env_key(name: str, environ: Mapping[str, str]) -> str:
+    # Secrets mounted from files often end in a newline, which no key contains.
+    return environ.get(name, "").strip()
+
+
+def unset_key_envs(settings: Settings, environ: Mapping[str, str] = os.environ) -> dict[str, str]:
+    """Providers with no central key in the settings, by name: the variable that is unset."""
+    out: dict[str, str] = {}
+    for p in settings.providers:
+        name = p.api_key_env or DEFAULT_KEY_ENVS[p.type]
+        if not p.api_key and not _env_key(name, environ):
+            out[p.name] = name
+    return out
 
 
 class StateHolder:

@@ -4,21 +4,24 @@ from __future__ import annotations
 
 import asyncio
 import os
-from collections.abc import AsyncIterator, Callable, Coroutine
+from collections.abc import AsyncIterator, Callable, Coroutine, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import aiohttp
 import grpc
+import orjson
 import pytest
+from anthropic.lib.streaming._messages import accumulate_event
+from anthropic.types import Message, ParsedMessage
 from prometheus_client.parser import text_string_to_metric_families
 
 from control.spool import SpooledRecord
 from control.v1.control_pb2_grpc import ControlServiceStub
 from gateway.config import load_settings
 from gateway.daemon import Daemon
-from gateway.testing import FakeUpstream, load_txtar
+from gateway.testing import FakeUpstream, load_txtar, split_events
 
 FIXTURES = Path(__file__).parent / "fixtures"
 SHARED_FIXTURES = Path(__file__).resolve().parents[2] / "shared" / "fixtures" / "aibridge"
@@ -42,13 +45,66 @@ def anthropic_provider(base_url: str, **extra: Any) -> dict[str, Any]:
 
 
 def recorded_sse_streams() -> list[tuple[str, bytes]]:
-    """``(name, bytes)`` of every recorded Anthropic SSE stream (HTTP error captures left out)."""
+    """``(name, bytes)`` of every fixture Anthropic SSE stream (synthetic; HTTP errors left out)."""
     streams = []
     for path in sorted((FIXTURES / "anthropic").glob("*.txtar")):
         text = load_txtar(path).get("streaming")
         if text is not None and not text.startswith("HTTP/"):
             streams.append((path.stem, text.encode()))
     return streams
+
+
+_MESSAGE_EVENTS = frozenset(
+    {
+        "message_start",
+        "message_delta",
+        "message_stop",
+        "content_block_start",
+        "content_block_delta",
+        "content_block_stop",
+    }
+)
+
+
+def replayed_sections(streaming: bool, *, follow: bool = False) -> list[str]:
+    """Fixture sections one run replays: the first turn and, with ``follow``, the turn after an
+    injected tool call (``streaming/tool-call``)."""
+    key = "streaming" if streaming else "non-streaming"
+    return [key, f"{key}/tool-call"] if follow else [key]
+
+
+def fixture_message(section: str) -> Message:
+    """The message one fixture section describes, as a client ends up with it.
+
+    Each section has its own id and usage, so a test takes its expectations from the section it
+    replays, never from its sibling: a blocking section is the JSON body itself, a streaming
+    one is folded by the SDK's accumulator (an ``error`` event leaves what arrived before it).
+    """
+    if not section.lstrip().startswith(("event:", "data:")):
+        return Message.model_validate_json(section)
+    snapshot: ParsedMessage[None] | None = None
+    json_bufs: dict[int, bytes] = {}
+    for raw in split_events(section.encode()):
+        lines = raw.splitlines()
+        name = next((ln[6:].strip().decode() for ln in lines if ln.startswith(b"event:")), "")
+        if name in _MESSAGE_EVENTS:
+            [data] = [ln[5:] for ln in lines if ln.startswith(b"data:")]
+            event: Any = orjson.loads(data)
+            snapshot = accumulate_event(event=event, current_snapshot=snapshot, json_bufs=json_bufs)
+    assert snapshot is not None, "the section has no message_start"
+    return snapshot
+
+
+def fixture_usage(fx: dict[str, str], sections: Iterable[str]) -> dict[str, int]:
+    """What the spool's ``token_usage`` records of a run replaying ``sections`` add up to."""
+    total = dict.fromkeys(("input", "output", "cache_read", "cache_write"), 0)
+    for name in sections:
+        usage = fixture_message(fx[name]).usage
+        total["input"] += usage.input_tokens
+        total["output"] += usage.output_tokens
+        total["cache_read"] += usage.cache_read_input_tokens or 0
+        total["cache_write"] += usage.cache_creation_input_tokens or 0
+    return total
 
 
 async def metric_value(url: str, name: str, **labels: str) -> float:

@@ -12,6 +12,7 @@ from aiohttp import web
 
 from gateway.config import Settings
 from gateway.ports import UsageSink
+from gateway.proxy.client_writer import OPEN_STREAMS
 from gateway.proxy.handlers import (
     Handler,
     Services,
@@ -28,16 +29,23 @@ from gateway.tools.mcp_pool import McpPool
 
 
 class Readiness:
-    """Ready when the state can serve (standalone, or pushed by the host) and not shutting down."""
+    """Ready when the data plane listens, the state can serve (standalone, or pushed by the
+    host) and it is not shutting down.
+
+    The one source of readiness: ``/readyz``, the gRPC health of the data plane and
+    ``GetStatus.ready`` all read ``ready``, so they agree at every moment.
+    """
 
     def __init__(self, state: StateHolder) -> None:
         self.state = state
+        # Set by the daemon once the data-plane listener is up: gRPC health is served earlier.
+        self.listening = False
         self.shutting_down = False
 
     @property
     def ready(self) -> bool:
         """Whether load balancers should send traffic."""
-        return self.state.current.configured and not self.shutting_down
+        return self.listening and self.state.current.configured and not self.shutting_down
 
 
 READY = web.AppKey("ready", Readiness)
@@ -91,7 +99,10 @@ def build_app(
         mcp_pool=mcp_pool,
         small_model=re.compile(settings.small_model_pattern, re.IGNORECASE),
         max_tool_iterations=settings.mcp_max_iterations,
+        body_timeout=settings.client_body_timeout,
     )
+
+    app[OPEN_STREAMS] = services.relay.streams
 
     async def upstream_session(_: web.Application) -> AsyncIterator[None]:
         session = make_session(settings.upstream_connect_timeout, settings.upstream_idle_timeout)

@@ -1,9 +1,11 @@
-"""The client side of a relayed stream: writes, keep-alive pings, and noticing it is gone."""
+"""The client side of a relayed stream: writes, keep-alive pings, noticing it is gone, and
+ending it when the gateway shuts down."""
 
 from __future__ import annotations
 
 import asyncio
 from collections.abc import Callable
+from typing import Any
 
 import aiohttp
 from aiohttp import web
@@ -11,6 +13,44 @@ from aiohttp import web
 from gateway.sse.keepalive import ANTHROPIC_PING
 
 CLIENT_GONE = (ConnectionResetError, aiohttp.ClientConnectionResetError)
+
+
+class OpenStreams:
+    """The tasks relaying a stream right now, so that a shutdown can end them properly.
+
+    When ``shutdown_grace`` is over, ``end_all`` cancels each; the relay takes that cancellation
+    (``closing`` is set) as the order to send its client an error event, end the body and write
+    its records, while the connection is still open. Left to the server, they would be cut
+    with no event at all.
+    """
+
+    __slots__ = ("_tasks", "closing")
+
+    def __init__(self) -> None:
+        self._tasks: set[asyncio.Task[Any]] = set()
+        self.closing = False
+
+    def __len__(self) -> int:
+        return len(self._tasks)
+
+    def add(self, task: asyncio.Task[Any]) -> None:
+        """A stream starts being relayed by ``task``."""
+        self._tasks.add(task)
+
+    def discard(self, task: asyncio.Task[Any]) -> None:
+        """``task``'s stream is over (whatever the reason)."""
+        self._tasks.discard(task)
+
+    def end_all(self) -> int:
+        """Tell every open stream to end now (the gateway is shutting down); how many there were."""
+        self.closing = True
+        for task in self._tasks:
+            task.cancel()
+        return len(self._tasks)
+
+
+# Where ``Daemon.stop`` finds the data plane's open streams.
+OPEN_STREAMS = web.AppKey("open_streams", OpenStreams)
 
 
 class OnClientLeft:

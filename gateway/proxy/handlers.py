@@ -19,9 +19,12 @@ from gateway.intercept.messages.blocking import BlockingTurns
 from gateway.intercept.messages.request import MessagesRequest, RequestError, parse_request
 from gateway.intercept.messages.stream import MessagesStream
 from gateway.ports import UsageSink
-from gateway.proxy.relay import UPSTREAM_ERRORS, Interception, RelayOptions
+from gateway.proxy.relay import Interception, RelayOptions
+from gateway.proxy.request_body import BodyError, decode_body
+from gateway.proxy.server_timeouts import abandon_body
 from gateway.proxy.tool_loop import StreamContinuation, ToolLoop
 from gateway.proxy.upstream import upstream_request_headers
+from gateway.proxy.upstream_failure import UPSTREAM_ERRORS
 from gateway.records import InterceptionStarted, new_interception_id
 from gateway.state import Provider, Snapshot, StateHolder
 from gateway.tools.mcp_pool import McpPool
@@ -48,6 +51,8 @@ class Services:
     mcp_pool: McpPool | None = None
     small_model: re.Pattern[str] = re.compile("haiku", re.IGNORECASE)
     max_tool_iterations: int = 10
+    # Longest wait for the next piece of a request body (client_body_timeout).
+    body_timeout: float = 60.0
     # The serving loop, set with the session (asking asyncio for it costs a syscall each time).
     loop_ref: list[asyncio.AbstractEventLoop] = field(default_factory=list)
 
@@ -169,14 +174,64 @@ def _provider_in(snapshot: Snapshot, request: web.Request) -> Provider | web.Res
 
 
 async def read_body(services: Services, request: web.Request) -> bytes | web.Response:
-    """The request body, or a 413 when it exceeds the configured limit."""
+    """The request body, decoded as its ``Content-Encoding`` says; else the error to answer.
+
+    413 past ``max_body_bytes`` (as sent, or once decoded), 400 for a body that is not valid in
+    its encoding, 415 for an encoding the gateway does not decode, 408 when the client leaves
+    more than ``client_body_timeout`` between two reads. The server does not decompress (the
+    runner turns it off): decoding here bounds the decoded size as it goes.
+    """
     limit = services.max_body_bytes
-    if request.content_length is None or request.content_length <= limit:
-        try:
-            return await request.read()
-        except web.HTTPRequestEntityTooLarge:
-            pass
+    if request.content_length is not None and request.content_length > limit:
+        return _too_large(limit)
+    content = request.content
+    chunks: list[bytes] = []
+    size = 0
+    while True:
+        # What has arrived is taken without a timer: most bodies are whole by now.
+        chunk = content.read_nowait()
+        if not chunk:
+            if content.is_eof():
+                break
+            try:
+                async with asyncio.timeout(services.body_timeout):
+                    chunk = await content.readany()
+            except TimeoutError:
+                return _body_timed_out(services, request)
+            if not chunk:
+                break
+        size += len(chunk)
+        if size > limit:
+            return _too_large(limit)
+        chunks.append(chunk)
+    body = chunks[0] if len(chunks) == 1 else b"".join(chunks)
+    coding = request.headers.get("Content-Encoding")
+    if coding is None:
+        return body
+    try:
+        return decode_body(body, coding, limit)
+    except BodyError as exc:
+        return anthropic_error(exc.status, exc.message, _BODY_ERROR_TYPES.get(exc.status))
+
+
+# The statuses read_body answers that the error-type table does not name.
+_BODY_ERROR_TYPES = {415: "invalid_request_error", 408: "timeout_error"}
+
+
+def _too_large(limit: int) -> web.Response:
     return anthropic_error(413, f"request body exceeds the gateway limit of {limit} bytes")
+
+
+def _body_timed_out(services: Services, request: web.Request) -> web.Response:
+    # The client is too slow to send its body: answer, then close without reading the rest.
+    abandon_body(request)
+    response = anthropic_error(
+        408,
+        f"request body not received: no data for {services.body_timeout:g} s",
+        _BODY_ERROR_TYPES[408],
+    )
+    response.force_close()
+    return response
 
 
 async def messages(services: Services, request: web.Request) -> web.StreamResponse:

@@ -7,11 +7,9 @@ ends the interception with exactly one ``InterceptionEnded`` record.
 from __future__ import annotations
 
 import asyncio
-import functools
 import logging
-import random
-from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from collections.abc import Callable, Coroutine
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Protocol
 
 import aiohttp
@@ -22,10 +20,17 @@ from gateway.intercept.errors import anthropic_error_body, anthropic_error_event
 from gateway.intercept.messages.blocking import BlockingTurns
 from gateway.intercept.messages.stream import MessagesStream
 from gateway.ports import UsageSink
-from gateway.proxy.client_writer import CLIENT_GONE, ClientWriter, OnClientLeft
+from gateway.proxy.client_writer import CLIENT_GONE, ClientWriter, OnClientLeft, OpenStreams
 from gateway.proxy.upstream import auto_headers_to_skip, relayed_header_items
+from gateway.proxy.upstream_call import post
+from gateway.proxy.upstream_failure import (
+    UPSTREAM_ERRORS,
+    UpstreamFailure,
+    call_failed,
+    record_failure,
+    stream_broken,
+)
 from gateway.records import EndStatus, InterceptionEnded
-from gateway.retry import retry_delay, should_retry
 from gateway.sse import FrameTooLarge, SSEFramer
 
 if TYPE_CHECKING:
@@ -36,8 +41,9 @@ log = logging.getLogger("aibridged.relay")
 # Set on every relayed stream (never relayed from upstream: see ``relayed_header_items``).
 _STREAM_HEADERS = (("Cache-Control", "no-cache"), ("X-Accel-Buffering", "no"))
 
-# Raised by aiohttp when the upstream connection breaks before or during the response.
-UPSTREAM_ERRORS = (aiohttp.ClientError, asyncio.TimeoutError, OSError)
+# A stream that ends without message_stop is not a message: the client must not take it for one.
+_INCOMPLETE = "upstream stream ended before message_stop: the response is incomplete"
+_SHUTDOWN = "the gateway is shutting down: the stream was ended before it completed"
 
 
 @dataclass(frozen=True, slots=True)
@@ -47,6 +53,8 @@ class RelayOptions:
     ping_interval: float
     on_client_disconnect: str
     disconnect_drain_timeout: float
+    # The streams being relayed, for the shutdown (``Daemon.stop``) to end them.
+    streams: OpenStreams = field(default_factory=OpenStreams)
 
 
 @dataclass(slots=True)
@@ -67,6 +75,9 @@ class Outcome:
 
 class Interception:
     """One client request on an intercepted route, from upstream call to end record."""
+
+    # What ``_pump`` holds back from the client: the stream's last bytes (see ``stream``).
+    _held: bytes
 
     def __init__(
         self,
@@ -112,50 +123,36 @@ class Interception:
         self.end()
         await self.sink.persist()
 
-    async def post_again(self, body: bytes) -> aiohttp.ClientResponse:
-        """POST ``body`` to the interception's upstream endpoint, retrying (before anything
-        reached the client) per ``gateway.retry``."""
-        max_retries = self._max_retries
-        post = functools.partial(
-            self.session.post,
+    def post_again(self, body: bytes) -> Coroutine[Any, Any, aiohttp.ClientResponse]:
+        """POST ``body`` to the interception's upstream endpoint (see ``upstream_call.post``:
+        no redirects, retries before anything reached the client).
+
+        Returns the call's coroutine rather than awaiting it: one coroutine less per request.
+        """
+        return post(
+            self.session,
             self._url,
-            data=body,
-            headers=self._headers,
-            skip_auto_headers=self._skip_auto_headers,
-            auto_decompress=True,
+            body,
+            self._headers,
+            self._skip_auto_headers,
+            self._max_retries,
+            self.id,
         )
-        attempt = 0
-        while True:
-            delay_headers: Mapping[str, str] = {}
-            try:
-                try:
-                    resp = await post()
-                except (aiohttp.ServerDisconnectedError, aiohttp.ClientOSError):
-                    # A stale pooled connection fails before any byte of the response: always
-                    # safe to retry once, whatever the retry budget.
-                    resp = await post()
-            except UPSTREAM_ERRORS:
-                if attempt >= max_retries:
-                    raise
-            else:
-                if attempt >= max_retries or not should_retry(resp.status, resp.headers):
-                    return resp
-                delay_headers = dict(resp.headers)
-                resp.release()
-            delay = retry_delay(attempt, delay_headers, random.random())
-            attempt += 1
-            log.info(
-                "retrying upstream call",
-                extra={"interception_id": self.id, "attempt": attempt, "delay": round(delay, 3)},
-            )
-            await asyncio.sleep(delay)
+
+    def upstream_failed(self, exc: BaseException, started: bool = False) -> UpstreamFailure:
+        """Record an upstream call's failure on the end record and log it; what it means.
+
+        ``started``: the response had begun (the stream broke) rather than never arrived.
+        """
+        failure = stream_broken(exc, self._url) if started else call_failed(exc, self._url)
+        record_failure(failure, self.outcome, self.id)
+        return failure
 
     def unreachable(self, exc: BaseException) -> web.Response:
-        """The upstream could not be reached: 502 in Anthropic's shape."""
-        detail = describe_upstream_error(exc)
-        self.outcome.fail("upstream_unreachable", detail)
-        log.warning("upstream unreachable", extra={"interception_id": self.id, "error": detail})
-        return _json(502, anthropic_error_body(502, f"upstream provider unreachable: {detail}"))
+        """The upstream call failed before a response could be relayed (no connection, a reset,
+        a redirect): 502 in Anthropic's shape, naming no address."""
+        failure = self.upstream_failed(exc)
+        return _json(failure.status, anthropic_error_body(failure.status, failure.client_message))
 
     async def upstream_error(self, resp: aiohttp.ClientResponse) -> web.Response:
         """Relay an upstream error response with its status and body."""
@@ -186,9 +183,15 @@ class Interception:
                 for record in result.records:
                     self.sink.submit(record)
                 if result.error:
+                    # A 200 that is no message (an HTML page, junk) must not pass for an answer.
                     self.outcome.fail("invalid_upstream_response", result.error)
+                    log.warning(
+                        "upstream 200 response is not a message",
+                        extra={"interception_id": self.id, "content_type": resp.content_type},
+                    )
+                    return _json(502, anthropic_error_body(502, result.error))
                 if loop is not None:
-                    loop.record_skipped(result.skipped_calls)
+                    loop.record_skipped(result.skipped_calls, result.skip_reason)
                 if loop is None or body is None or not result.tool_calls:
                     break
                 if turns.turns >= loop.max_iterations:
@@ -237,42 +240,60 @@ class Interception:
             await out.prepare(request)
         except CLIENT_GONE:
             writer.mark_gone()
-        tail = b""
+        self._held = b""
+        # An error event to send after the held bytes, when the stream fails.
+        ending = b""
         current = resp
+        streams = options.streams
+        task = asyncio.current_task(loop)
+        assert task is not None
+        streams.add(task)
+        # A failure after the final message_stop (``stop_relayed``) costs the client nothing:
+        # its message is whole, so the failure is not reported to it nor recorded.
         try:
             if not writer.gone:
                 writer.start_pinger()
             while True:
                 left.resp = current
-                tail = await self._pump(current, SSEFramer(), rewriter, writer)
+                await self._pump(current, SSEFramer(), rewriter, writer)
                 if continuation is None or writer.gone:
                     break
                 # Pings keep the client's connection alive while injected tools run.
                 following = await continuation.next_response(rewriter, lambda: writer.gone)
                 if following is None:
                     break
-                await writer.write(tail)
-                tail = b""
                 if isinstance(following, bytes):
-                    tail = following
+                    ending = following
                     break
                 if current is not resp:
                     current.release()
                 current = following
+        except asyncio.CancelledError:
+            if not streams.closing:
+                raise
+            # Ended by the shutdown (``OpenStreams.end_all``): the connection is still open.
+            task.uncancel()
+            if not rewriter.stop_relayed:
+                self.outcome.fail(
+                    "shutdown", "the stream was still open when shutdown_grace ran out"
+                )
+                ending = anthropic_error_event(_SHUTDOWN, "overloaded_error")
         except UPSTREAM_ERRORS as exc:
-            if not writer.gone:
-                detail = describe_upstream_error(exc)
-                self.outcome.fail("upstream_stream_broken", detail)
-                await writer.write(anthropic_error_event(f"upstream stream broken: {detail}"))
+            if not writer.gone and not rewriter.stop_relayed:
+                failure = self.upstream_failed(exc, started=True)
+                ending = anthropic_error_event(failure.client_message)
         except FrameTooLarge as exc:
-            self.outcome.fail("upstream_frame_too_large", str(exc))
-            await writer.write(anthropic_error_event(str(exc)))
+            if not rewriter.stop_relayed:
+                self.outcome.fail("upstream_frame_too_large", str(exc))
+                ending = anthropic_error_event(str(exc))
         except Exception as exc:
             # The stream has started: a gateway fault can only be reported in-stream.
             log.exception("relay failed", extra={"interception_id": self.id})
-            self.outcome.fail("gateway_error", type(exc).__name__)
-            await writer.write(anthropic_error_event("internal gateway error"))
+            if not rewriter.stop_relayed:
+                self.outcome.fail("gateway_error", type(exc).__name__)
+                ending = anthropic_error_event("internal gateway error")
         finally:
+            streams.discard(task)
             if current is not resp:
                 current.release()
             writer.stop_pinger()
@@ -283,12 +304,18 @@ class Interception:
             log.warning("drain after disconnect timed out", extra={"interception_id": self.id})
         if rewriter.error is not None:
             self.outcome.fail(rewriter.error.type, rewriter.error.message)
-        elif not rewriter.message_stopped and not writer.gone:
+        elif not rewriter.stop_relayed and not writer.gone and self.outcome.status == "completed":
+            # Found once, here, not per chunk: the body ended (maybe mid-event) with no
+            # message_stop, and nothing told the client yet.
+            log.warning(
+                "upstream stream ended before message_stop", extra={"interception_id": self.id}
+            )
             self.outcome.fail("incomplete_stream", "upstream stream ended before message_stop")
+            ending = anthropic_error_event(_INCOMPLETE)
         if writer.gone:
             self.outcome.status = "client_disconnected"
         await self.complete()
-        await writer.close(tail)
+        await writer.close(self._held + ending)
         return out
 
     async def _pump(
@@ -297,29 +324,31 @@ class Interception:
         framer: SSEFramer,
         rewriter: MessagesStream,
         writer: ClientWriter,
-    ) -> bytes:
-        """Relay the stream; return the tail held back from the client (see ``complete``).
+    ) -> None:
+        """Relay the stream, holding back its end in ``_held`` (see ``complete``).
 
         Once the client is gone, writes become no-ops and the loop keeps reading so the final
-        usage is recorded; OnClientLeft bounds that drain (or cancels at once).
+        usage is recorded; OnClientLeft bounds that drain (or cancels at once). Bytes left in
+        the framer at the end are an event cut short: clients drop it (the SSE rule), so it is
+        neither relayed nor read.
         """
         tail = b""
-        async for chunk in resp.content.iter_any():
-            data = rewriter.feed_chunk(framer, chunk)
-            if data is None:
-                continue
-            for record in rewriter.take_records():
-                self.sink.submit(record)
-            if rewriter.stop_relayed or tail:
-                # message_stop ends an Anthropic stream: it goes out with the end of the
-                # body, once the interception's records are durable.
-                tail += data
-            elif data:
-                await writer.write(data)
-        last = framer.flush()
-        if last is not None:
-            tail += rewriter.feed(last)
-        return tail
+        try:
+            async for chunk in resp.content.iter_any():
+                data = rewriter.feed_chunk(framer, chunk)
+                if data is None:
+                    continue
+                for record in rewriter.take_records():
+                    self.sink.submit(record)
+                if rewriter.stop_relayed or tail:
+                    # message_stop ends an Anthropic stream: it goes out with the end of the
+                    # body, once the interception's records are durable.
+                    tail += data
+                elif data:
+                    await writer.write(data)
+        finally:
+            # Kept when the upstream breaks after message_stop: the message is still whole.
+            self._held = tail
 
 
 class Continuation(Protocol):
@@ -338,11 +367,3 @@ def _relayed(resp: aiohttp.ClientResponse) -> list[tuple[str, str]]:
 
 def _json(status: int, body: bytes) -> web.Response:
     return web.Response(status=status, body=body, content_type="application/json")
-
-
-def describe_upstream_error(exc: BaseException) -> str:
-    """A short, client-safe description of an upstream I/O failure."""
-    if isinstance(exc, asyncio.TimeoutError):
-        return "timed out"
-    text = str(exc) or type(exc).__name__
-    return text[:300]

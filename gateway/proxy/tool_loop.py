@@ -20,7 +20,8 @@ import orjson
 from gateway.intercept.errors import anthropic_error_event, parse_error_body
 from gateway.intercept.messages.stream import MessagesStream, ToolCall
 from gateway.ports import UsageSink
-from gateway.proxy.relay import UPSTREAM_ERRORS, Outcome, describe_upstream_error
+from gateway.proxy.relay import Outcome
+from gateway.proxy.upstream_failure import UPSTREAM_ERRORS, UpstreamFailure
 from gateway.records import ToolUsage
 from gateway.sse import encode
 from gateway.state import McpServer, Snapshot
@@ -142,8 +143,8 @@ class ToolLoop:
         )
         return block
 
-    def record_skipped(self, calls: list[ToolCall]) -> None:
-        """Injected calls the gateway did not run (the turn also called client tools)."""
+    def record_skipped(self, calls: list[ToolCall], reason: str) -> None:
+        """Injected calls of a final turn, which the gateway did not run, and ``reason``."""
         for call in calls:
             ref = self.catalog.lookup(call.name)
             self.sink.submit(
@@ -155,7 +156,7 @@ class ToolLoop:
                     args=orjson.dumps(call.input).decode(),
                     injected=True,
                     server_url=ref.server_url if ref else "",
-                    invocation_error="not run: the same turn called client tools",
+                    invocation_error=reason,
                 )
             )
 
@@ -197,6 +198,10 @@ class Upstream(Protocol):
         """POST ``body`` to the same upstream endpoint with the same headers."""
         ...
 
+    def upstream_failed(self, exc: BaseException) -> UpstreamFailure:
+        """Record a failed call on the interception (and log it); what it means."""
+        ...
+
 
 class StreamContinuation:
     """Drives a streamed loop: after a turn that called injected tools, run them and go on."""
@@ -218,7 +223,7 @@ class StreamContinuation:
         the turns so far are already recorded.
         """
         calls = rewriter.tool_calls
-        self.loop.record_skipped(rewriter.skipped_calls)
+        self.loop.record_skipped(rewriter.skipped_calls, rewriter.skip_reason)
         if not calls:
             return None
         if rewriter.turn + 1 >= self.loop.max_iterations:
@@ -231,8 +236,8 @@ class StreamContinuation:
         try:
             resp = await self.upstream.post_again(payload)
         except UPSTREAM_ERRORS as exc:
-            detail = describe_upstream_error(exc)
-            return self._fail("upstream_unreachable", f"upstream provider unreachable: {detail}")
+            # The stream has started: the failure goes out as an error event naming no address.
+            return anthropic_error_event(self.upstream.upstream_failed(exc).client_message)
         if resp.status >= 400:
             body = await resp.read()
             resp.release()

@@ -8,12 +8,15 @@ import aiohttp
 from multidict import CIMultiDict, CIMultiDictProxy
 
 from gateway.auth import Credential
+from gateway.proxy.upstream_call import PoolConnector
 from gateway.state import Actor
 
 # Never forwarded upstream: hop-by-hop, transport-managed, cookies and every client credential
-# (the gateway key must never reach a provider).
+# (the gateway key must never reach a provider). Content-Encoding too: the gateway decodes every
+# request body it accepts (handlers.read_body) and sends it as is.
 _STRIP_REQUEST = frozenset(
     {
+        "content-encoding",
         "connection",
         "keep-alive",
         "proxy-authenticate",
@@ -140,12 +143,6 @@ def relayed_response_headers(upstream: Mapping[str, str]) -> CIMultiDict[str]:
     return CIMultiDict(relayed_header_items(upstream))
 
 
-def join_url(base_url: str, path: str, query: str = "") -> str:
-    """Append the request path (after the provider prefix) to the provider's base URL."""
-    url = base_url.rstrip("/") + "/" + path.lstrip("/")
-    return f"{url}?{query}" if query else url
-
-
 # aiohttp adds a User-Agent, and a Content-Type for a body, that the client did not send unless
 # told to skip them. Telling it costs a header merge per request, so only requests that lack one
 # of them pass this (see ``auto_headers_to_skip``); the session sets no skip list of its own.
@@ -161,7 +158,8 @@ def auto_headers_to_skip(headers: CIMultiDict[str]) -> tuple[str, ...] | None:
 
 def make_session(connect_timeout: float, idle_timeout: float) -> aiohttp.ClientSession:
     """One pooled client session for all upstream calls (created inside the running loop)."""
-    connector = aiohttp.TCPConnector(
+    # Tells a failed call whether its connection was a pooled one (see ``upstream_call``).
+    connector = PoolConnector(
         limit=0,
         keepalive_timeout=30,
         ttl_dns_cache=300,

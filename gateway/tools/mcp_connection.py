@@ -34,6 +34,7 @@ from gateway.state import McpServer
 if TYPE_CHECKING:
     # The mcp SDK (and httpx2) cost ~0.6 s and tens of MiB to import: a gateway without MCP
     # servers never loads them; the first connection does.
+    import httpx2
     from mcp import Client
     from mcp.client.session import IncomingMessage
 
@@ -74,6 +75,10 @@ class McpCallResult:
 
 class McpCallError(Exception):
     """The call did not get a result: unknown server, server down, transport failure, timeout."""
+
+
+class McpRedirectError(Exception):
+    """An MCP server answered a redirect: never followed (the request carries a token)."""
 
 
 _USERINFO = re.compile(r"://[^/@\s]+@")
@@ -217,10 +222,14 @@ class McpConnection:
             async with AsyncExitStack() as stack:
                 async with asyncio.timeout(pool.connect_timeout):
                     read = max(300.0, pool.call_timeout + 5.0)  # SSE responses may stay silent
+                    # The headers carry the actor's token: a redirect (even one the SDK would
+                    # follow, within the origin) would hand it to another endpoint.
                     http = await stack.enter_async_context(
                         httpx2.AsyncClient(
                             headers=self._headers(),
                             timeout=httpx2.Timeout(pool.connect_timeout, read=read),
+                            follow_redirects=False,
+                            event_hooks={"response": [self._refuse_redirect]},
                         )
                     )
                     client = await stack.enter_async_context(
@@ -264,6 +273,31 @@ class McpConnection:
             self._client = None
             self._ready.set()
             pool._owner_exited(self)
+
+    async def _refuse_redirect(self, response: httpx2.Response) -> None:
+        """Fail a request the server answered with a redirect, before anything follows it."""
+        if not response.is_redirect:
+            return
+        location = response.headers.get("location")
+        if location:
+            # Query and userinfo may carry state or credentials: the log names the path only.
+            import httpx2
+
+            try:
+                target = response.url.join(location)
+                where = str(target.copy_with(query=None, fragment=None, userinfo=b""))
+            except httpx2.InvalidURL:
+                where = "an invalid URL"
+            LOG.warning(
+                "MCP server %s: answered %d redirecting to %s; redirects are not followed "
+                "(configure the final URL)",
+                self.server.id,
+                response.status_code,
+                where,
+            )
+        raise McpRedirectError(
+            f"MCP server answered a redirect ({response.status_code}); redirects are not followed"
+        )
 
     async def _serve(self) -> None:
         """Wait for a stop request or idleness, then for in-flight requests (bounded)."""

@@ -2,20 +2,36 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 import aiohttp
 import anthropic
 import orjson
 import pytest
+from anthropic.types import TextBlock
 
 from gateway.sse.keepalive import ANTHROPIC_PING
 from gateway.testing import Reply, load_txtar
-from tests.conftest import FIXTURES, GATEWAY_KEY, Gateway, GatewayFactory, by_kind, wait_for_end
+from tests.conftest import (
+    FIXTURES,
+    GATEWAY_KEY,
+    Gateway,
+    GatewayFactory,
+    by_kind,
+    fixture_message,
+    fixture_usage,
+    replayed_sections,
+    wait_for_end,
+)
 from tests.mcp_server import McpTestServer, running_mcp_server
 
 ADD = load_txtar(FIXTURES / "anthropic" / "injected_add.txtar")
 REQUEST: dict[str, Any] = orjson.loads(ADD["request"])
+
+
+def texts(content: Sequence[object]) -> list[str]:
+    return [block.text for block in content if isinstance(block, TextBlock)]
 
 
 async def start(make_gateway: GatewayFactory, mcp_url: str, **mcp: Any) -> Gateway:
@@ -28,15 +44,8 @@ async def test_injected_tool_runs_and_client_sees_one_message(
 ) -> None:
     async with running_mcp_server(McpTestServer()) as url:
         gw = await start(make_gateway, url)
-        first, second = (
-            ("streaming", "streaming/tool-call")
-            if streaming
-            else (
-                "non-streaming",
-                "non-streaming/tool-call",
-            )
-        )
-        gw.upstream.enqueue(Reply.from_section(ADD[first]), Reply.from_section(ADD[second]))
+        turns = replayed_sections(streaming, follow=True)
+        gw.upstream.enqueue(*(Reply.from_section(ADD[turn]) for turn in turns))
         client = anthropic.AsyncAnthropic(base_url=gw.url, api_key=GATEWAY_KEY, max_retries=0)
         if streaming:
             async with client.messages.stream(**REQUEST) as stream:
@@ -44,14 +53,18 @@ async def test_injected_tool_runs_and_client_sees_one_message(
         else:
             message = await client.messages.create(**REQUEST)
 
-    # The client sees text only: the injected tool_use and its turn are hidden.
-    assert [b.type for b in message.content] == ["text", "text"] if streaming else ["text"]
-    assert message.content[-1].type == "text" and message.content[-1].text == "2 + 3 = 5."
+    # The client sees text only: the injected tool_use is hidden, and so is the blocking
+    # tool-calling turn (a stream has already sent its text).
+    assert [b.type for b in message.content] == (["text", "text"] if streaming else ["text"])
+    shown = turns if streaming else turns[1:]
+    expected = [fixture_message(ADD[turn]).content for turn in shown]
+    assert texts(message.content) == [text for content in expected for text in texts(content)]
     assert message.stop_reason == "end_turn"
     # Usage of every turn, input included (the reference leaves the first turn's input).
-    assert message.usage.output_tokens == 52 + 9
-    assert message.usage.input_tokens == 610 + 690
-    assert message.usage.cache_read_input_tokens == 120 + 120
+    usage = fixture_usage(ADD, turns)
+    assert message.usage.output_tokens == usage["output"]
+    assert message.usage.input_tokens == usage["input"]
+    assert message.usage.cache_read_input_tokens == usage["cache_read"]
 
     # The provider got the tool result in the continuation.
     assert len(gw.upstream.requests) == 2
@@ -72,8 +85,9 @@ async def test_injected_tool_runs_and_client_sees_one_message(
     assert orjson.loads(tool["args"]) == {"a": 2, "b": 3}
     assert tool["invocation_error"] == ""
     tokens = by_kind(records, "token_usage")
-    assert sum(t["input"] for t in tokens) == 610 + 690
-    assert sum(t["output"] for t in tokens) == 52 + 9
+    assert len(tokens) == len(turns)
+    assert sum(t["input"] for t in tokens) == usage["input"]
+    assert sum(t["output"] for t in tokens) == usage["output"]
     [ended] = by_kind(records, "interception_ended")
     assert ended["status"] == "completed"
 
@@ -111,7 +125,8 @@ async def test_client_leaving_while_a_tool_runs_gets_no_further_turn(
     [tool] = by_kind(records, "tool_usage")
     assert tool["tool"] == "slow" and tool["injected"] is True
     [tokens] = by_kind(records, "token_usage")
-    assert (tokens["input"], tokens["output"]) == (610, 52)
+    usage = fixture_usage(ADD, ["streaming"])  # only the turn that called the tool
+    assert (tokens["input"], tokens["output"]) == (usage["input"], usage["output"])
 
 
 async def test_pings_keep_the_stream_alive_while_a_tool_runs(make_gateway: GatewayFactory) -> None:
@@ -133,7 +148,8 @@ async def test_pings_keep_the_stream_alive_while_a_tool_runs(make_gateway: Gatew
             received = await resp.read()
     follow = orjson.loads(gw.upstream.requests[1].body)
     assert "seconds" in follow["messages"][-2]["content"][1]["input"]
-    # The recorded streams carry one ping (turn two); the rest were sent while the tool ran.
-    assert received.count(ANTHROPIC_PING) >= 1 + 3
+    # Beyond the fixture streams' own pings, at least three were sent while the tool ran.
+    scripted = (turn_one + ADD["streaming/tool-call"]).encode().count(ANTHROPIC_PING)
+    assert received.count(ANTHROPIC_PING) >= scripted + 3
     assert received.count(b"event: message_start") == 1
     assert received.rstrip().endswith(b'"message_stop"}')

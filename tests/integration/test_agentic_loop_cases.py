@@ -27,7 +27,10 @@ from tests.conftest import (
     Gateway,
     GatewayFactory,
     by_kind,
+    fixture_message,
+    fixture_usage,
     metric_value,
+    replayed_sections,
 )
 from tests.mcp_server import FAIL_MESSAGE, McpTestServer, add, running_mcp_server
 from tests.processes import free_port
@@ -101,9 +104,25 @@ def request(fx: dict[str, str]) -> dict[str, Any]:
 
 def script(gw: Gateway, fx: dict[str, str], streaming: bool, *, follow: bool = True) -> None:
     """Enqueue the fixture's tool-calling turn and, with ``follow``, its answer turn."""
-    key = "streaming" if streaming else "non-streaming"
-    keys = [key, f"{key}/tool-call"] if follow else [key]
+    keys = replayed_sections(streaming, follow=follow)
     gw.upstream.enqueue(*(Reply.from_section(fx[k]) for k in keys))
+
+
+def run_usage(fx: dict[str, str], streaming: bool, *, follow: bool = True) -> tuple[int, int]:
+    """(input, output) tokens the client's final message totals over the turns ``script`` sent."""
+    usage = fixture_usage(fx, replayed_sections(streaming, follow=follow))
+    return usage["input"], usage["output"]
+
+
+def answer(fx: dict[str, str], streaming: bool) -> str:
+    """The text that ends the answer turn the run replays."""
+    return texts(fixture_message(fx[replayed_sections(streaming, follow=True)[1]]))[-1]
+
+
+def tool_uses(fx: dict[str, str], streaming: bool) -> list[ToolUseBlock]:
+    """The tool calls of the first turn the run replays."""
+    content = fixture_message(fx[replayed_sections(streaming)[0]]).content
+    return [b for b in content if isinstance(b, ToolUseBlock)]
 
 
 async def ask(gw: Gateway, body: dict[str, Any], streaming: bool) -> Message:
@@ -177,29 +196,12 @@ def assert_consistent(raw: bytes, *, stopped: bool = True) -> list[tuple[str, di
     return events
 
 
-def fixture_usage(fx: dict[str, str], *keys: str) -> tuple[int, int]:
-    """Total (input, output) tokens of the fixture's scripted stream turns."""
-    inp = out = 0
-    for key in keys:
-        for name, data in sse_events(fx[key].encode()):
-            if name == "message_start":
-                inp += data["message"]["usage"]["input_tokens"]
-            elif name == "message_delta":
-                out += data["usage"]["output_tokens"]
-    return inp, out
-
-
 def tool_records(records: list[Any]) -> dict[str, dict[str, Any]]:
     """tool_usage records by tool_call_id (calls finish in any order)."""
     return {t["tool_call_id"]: t for t in by_kind(records, "tool_usage")}
 
 
 # -- 1. two injected calls in one turn ---------------------------------------------------------
-
-TWO_IDS = {
-    True: ["toolu_01TwoCallsFirstAbc1234", "toolu_01TwoCallsSecondDef567"],
-    False: ["toolu_01TwoCallsBlockFirst12", "toolu_01TwoCallsBlockSecond3"],
-}
 
 
 @STREAMING
@@ -213,11 +215,14 @@ async def test_two_injected_calls_run_concurrently_in_one_continuation(
         message = await ask(gw, request(TWO), streaming)
 
     assert [b.type for b in message.content] == (["text", "text"] if streaming else ["text"])
-    assert texts(message)[-1] == "2 + 3 = 5 and 10 + 4 = 14."
+    assert texts(message)[-1] == answer(TWO, streaming)
     assert message.stop_reason == "end_turn"
-    assert (message.usage.input_tokens, message.usage.output_tokens) == (640 + 760, 88 + 17)
+    assert (message.usage.input_tokens, message.usage.output_tokens) == run_usage(TWO, streaming)
 
-    assert sorted(server.calls, key=repr) == [("add", {"a": 10, "b": 4}), ("add", {"a": 2, "b": 3})]
+    calls = tool_uses(TWO, streaming)
+    ids = [call.id for call in calls]
+    assert len(calls) == 2
+    assert sorted(server.calls, key=repr) == sorted([("add", c.input) for c in calls], key=repr)
     assert server.max_inflight == 2  # run concurrently, not one after the other
 
     assert len(gw.upstream.requests) == 2
@@ -226,34 +231,29 @@ async def test_two_injected_calls_run_concurrently_in_one_continuation(
     assistant, user = follow["messages"][-2:]
     assert assistant["role"] == "assistant"
     assert [b["type"] for b in assistant["content"]] == ["text", "tool_use", "tool_use"]
-    assert [b["id"] for b in assistant["content"][1:]] == TWO_IDS[streaming]
+    assert [b["id"] for b in assistant["content"][1:]] == ids
     assert user["role"] == "user"
     assert user["content"] == [
         {"type": "tool_result", "tool_use_id": tid, "content": [{"type": "text", "text": text}]}
         | {"is_error": False}
-        for tid, text in zip(TWO_IDS[streaming], ["5", "14"], strict=True)
+        for tid, text in zip(ids, ["5", "14"], strict=True)
     ]
 
     records = await gw.records()
     tools = tool_records(records)
-    assert set(tools) == set(TWO_IDS[streaming])
-    args = [orjson.loads(tools[tid]["args"]) for tid in TWO_IDS[streaming]]
-    assert args == [{"a": 2, "b": 3}, {"a": 10, "b": 4}]
+    assert set(tools) == set(ids)
+    assert [orjson.loads(tools[c.id]["args"]) for c in calls] == [c.input for c in calls]
     for tool in tools.values():
         assert (tool["tool"], tool["injected"], tool["server_url"]) == ("add", True, url)
         assert tool["invocation_error"] == ""
     tokens = by_kind(records, "token_usage")
-    assert [(t["input"], t["output"]) for t in tokens] == [(640, 88), (760, 17)]
+    turns = [fixture_usage(TWO, [turn]) for turn in replayed_sections(streaming, follow=True)]
+    assert [(t["input"], t["output"]) for t in tokens] == [(u["input"], u["output"]) for u in turns]
     [ended] = by_kind(records, "interception_ended")
     assert ended["status"] == "completed"
 
 
 # -- 2. an injected and a client tool in one turn ----------------------------------------------
-
-MIXED_IDS = {
-    True: ("toolu_01MixedAddCallGhJk5678", "toolu_01MixedWeatherLzXc9012"),
-    False: ("toolu_01MixedAddBlockErTy34", "toolu_01MixedWeatherBlkUi5"),
-}
 
 
 async def run_mixed(
@@ -272,18 +272,16 @@ async def test_turn_with_client_tool_goes_back_to_the_client(
     make_gateway: GatewayFactory, streaming: bool
 ) -> None:
     gw, server, message, url = await run_mixed(make_gateway, streaming)
-    injected_id, client_id = MIXED_IDS[streaming]
+    injected, client_call = tool_uses(MIXED, streaming)
+    assert (injected.name, client_call.name) == ("bmcp_tools_add", "get_weather")
 
     assert [b.type for b in message.content] == ["text", "tool_use"]
     call = message.content[1]
     assert isinstance(call, ToolUseBlock)
-    assert (call.id, call.name, call.input) == (
-        client_id,
-        "get_weather",
-        {"location": "Lisbon, Portugal"},
-    )
+    assert (call.id, call.name, call.input) == (client_call.id, "get_weather", client_call.input)
     assert message.stop_reason == "tool_use"
-    assert (message.usage.input_tokens, message.usage.output_tokens) == (702, 95)
+    usage = run_usage(MIXED, streaming, follow=False)
+    assert (message.usage.input_tokens, message.usage.output_tokens) == usage
 
     assert server.calls == []  # the injected call was not run
     assert len(gw.upstream.requests) == 1
@@ -292,10 +290,10 @@ async def test_turn_with_client_tool_goes_back_to_the_client(
 
     records = await gw.records()
     tools = tool_records(records)
-    weather = tools[client_id]
+    weather = tools[client_call.id]
     assert (weather["tool"], weather["injected"]) == ("get_weather", False)
-    assert orjson.loads(weather["args"]) == {"location": "Lisbon, Portugal"}
-    skipped = tools[injected_id]  # recorded, with why it did not run
+    assert orjson.loads(weather["args"]) == client_call.input
+    skipped = tools[injected.id]  # recorded, with why it did not run
     assert (skipped["tool"], skipped["injected"], skipped["server_url"]) == ("add", True, url)
     assert skipped["invocation_error"] != ""
     [ended] = by_kind(records, "interception_ended")
@@ -307,8 +305,9 @@ async def test_skipped_injected_call_is_recorded_with_its_args(
     make_gateway: GatewayFactory, streaming: bool
 ) -> None:
     gw, _, _, _ = await run_mixed(make_gateway, streaming)
-    skipped = tool_records(await gw.records())[MIXED_IDS[streaming][0]]
-    assert orjson.loads(skipped["args"]) == {"a": 1, "b": 1}
+    injected = tool_uses(MIXED, streaming)[0]
+    skipped = tool_records(await gw.records())[injected.id]
+    assert orjson.loads(skipped["args"]) == injected.input == {"a": 1, "b": 1}
 
 
 # -- 3. a failing tool -------------------------------------------------------------------------
@@ -324,9 +323,9 @@ async def test_failing_tool_result_is_an_error_and_the_answer_still_arrives(
         script(gw, FAIL, streaming)
         message = await ask(gw, request(FAIL), streaming)
 
-    assert texts(message)[-1] == "The tool reported an error: it failed on purpose."
+    assert texts(message)[-1] == answer(FAIL, streaming)
     assert message.stop_reason == "end_turn"
-    assert (message.usage.input_tokens, message.usage.output_tokens) == (580 + 655, 41 + 20)
+    assert (message.usage.input_tokens, message.usage.output_tokens) == run_usage(FAIL, streaming)
     assert server.calls == [("fail", {})]
 
     [result] = sent(gw, 1)["messages"][-1]["content"]
@@ -355,7 +354,7 @@ async def test_down_server_is_left_out(make_gateway: GatewayFactory, streaming: 
         script(gw, ADD, streaming)
         message = await ask(gw, request(ADD), streaming)
 
-    assert texts(message)[-1] == "2 + 3 = 5."
+    assert texts(message)[-1] == answer(ADD, streaming)
     names = [t["name"] for t in sent(gw, 0)["tools"]]
     assert "bmcp_tools_add" in names
     assert all(name.startswith("bmcp_tools_") for name in names)
@@ -376,7 +375,7 @@ async def test_allow_and_deny_patterns_select_the_injected_tools(
         script(gw, ADD, streaming)
         message = await ask(gw, request(ADD), streaming)
     assert [t["name"] for t in sent(gw, 0)["tools"]] == ["bmcp_tools_add"]
-    assert texts(message)[-1] == "2 + 3 = 5."
+    assert texts(message)[-1] == answer(ADD, streaming)
 
 
 async def assert_untouched(gw: Gateway, body: dict[str, Any], reply: str, streaming: bool) -> None:
@@ -448,7 +447,9 @@ async def test_iteration_cap_stops_the_loop(make_gateway: GatewayFactory, stream
     assert len(server.calls) == runs  # the first turn's call ran, the second's did not
     records = await gw.records()
     assert len(by_kind(records, "token_usage")) == 2 * runs
-    for ended in by_kind(records, "interception_ended"):
+    ends = by_kind(records, "interception_ended")
+    assert len(ends) == runs
+    for ended in ends:
         assert (ended["status"], ended["error_type"]) == ("failed", "tool_loop_limit")
         assert "mcp_max_iterations" in ended["error_message"]
 
@@ -472,9 +473,10 @@ async def test_tool_name_is_sanitised_and_mapped_back(
     assert server.calls == [(WEIRD_NAME, {"a": 20, "b": 22})]
     [result] = sent(gw, 1)["messages"][-1]["content"]
     assert result["content"] == [{"type": "text", "text": "42"}]
-    assert texts(message)[-1] == "20 + 22 = 42."
-    assert (message.usage.input_tokens, message.usage.output_tokens) == (615 + 688, 47 + 8)
-    assert (message.usage.cache_read_input_tokens or 0) == 64 + 64
+    assert texts(message)[-1] == answer(WEIRD, streaming)
+    assert (message.usage.input_tokens, message.usage.output_tokens) == run_usage(WEIRD, streaming)
+    cache_read = fixture_usage(WEIRD, replayed_sections(streaming, follow=True))["cache_read"]
+    assert (message.usage.cache_read_input_tokens or 0) == cache_read
 
     [tool] = by_kind(await gw.records(), "tool_usage")
     assert (tool["tool"], tool["injected"], tool["server_url"]) == (WEIRD_NAME, True, url)
@@ -501,7 +503,7 @@ async def test_pushed_actor_token_reaches_the_tool_and_removal_applies(
         script(gw, AUTH, streaming)
         message = await ask(gw, request(AUTH), streaming)
 
-        assert texts(message)[-1] == "The MCP server received your credentials."
+        assert texts(message)[-1] == answer(AUTH, streaming)
         assert server.calls == [("echo_auth", {})]
         [result] = sent(gw, 1)["messages"][-1]["content"]
         assert result["content"] == [{"type": "text", "text": f"Bearer {MCP_TOKEN}"}]
@@ -559,8 +561,8 @@ async def test_client_stream_is_one_consistent_message(
     starts = [data["content_block"] for ev, data in events if ev == "content_block_start"]
     assert [b["type"] for b in starts] == blocks
     [delta] = [data for ev, data in events if ev == "message_delta"]
-    inp, out = fixture_usage(fx, *turns)
-    assert delta["usage"]["output_tokens"] == out
+    usage = fixture_usage(fx, turns)
+    assert delta["usage"]["output_tokens"] == usage["output"]
     if len(turns) == 2:  # after a loop the final delta carries the totals of every turn
-        assert delta["usage"]["input_tokens"] == inp
+        assert delta["usage"]["input_tokens"] == usage["input"]
     assert len(gw.upstream.requests) == len(turns)

@@ -40,6 +40,23 @@ if TYPE_CHECKING:
 TEXT = load_txtar(FIXTURES / "anthropic" / "text.txtar")
 REQUEST: dict[str, Any] = orjson.loads(TEXT["request"])
 USAGE = orjson.loads(TEXT["non-streaming"])["usage"]
+
+
+def _streamed_usage(section: str) -> dict[str, int]:
+    """Input tokens of ``message_start`` and output tokens of the last ``message_delta``."""
+    data = [
+        orjson.loads(line[5:])
+        for event in split_events(section.encode())
+        for line in event.splitlines()
+        if line.startswith(b"data:")
+    ]
+    start = next(d for d in data if d["type"] == "message_start")["message"]["usage"]
+    delta = [d for d in data if d["type"] == "message_delta"][-1]["usage"]
+    return {"input_tokens": start["input_tokens"], "output_tokens": delta["output_tokens"]}
+
+
+# Each section is its own request: expectations come from the section the upstream replayed.
+STREAM_USAGE = _streamed_usage(TEXT["streaming"])
 ANSWER = orjson.loads(TEXT["non-streaming"])["content"][0]["text"]
 N_EVENTS = len(split_events(TEXT["streaming"].encode()))
 
@@ -249,9 +266,10 @@ async def test_push_then_serve_and_stream_usage(managed: tuple[Gateway, Stub]) -
         assert PROVIDER_KEY not in str(recs[0])
         streaming.append(started.streaming)
         [usage] = [r.token_usage for r in recs if r.HasField("token_usage")]
+        expected = STREAM_USAGE if started.streaming else USAGE
         assert (usage.input_tokens, usage.output_tokens) == (
-            USAGE["input_tokens"],
-            USAGE["output_tokens"],
+            expected["input_tokens"],
+            expected["output_tokens"],
         )
         [prompt] = [r.prompt_usage for r in recs if r.HasField("prompt_usage")]
         assert prompt.prompt == REQUEST["messages"][0]["content"][0]["text"]
@@ -318,7 +336,7 @@ async def test_push_never_disturbs_stream_in_flight(managed: tuple[Gateway, Stub
     records, _ = await collect(stub, 4)
     assert records[-1].interception_ended.status == "completed"
     [usage] = [r.token_usage for r in records if r.HasField("token_usage")]
-    assert usage.output_tokens == USAGE["output_tokens"]
+    assert usage.output_tokens == STREAM_USAGE["output_tokens"]
     with pytest.raises(anthropic.AuthenticationError):
         await ask(gw)
     assert len(gw.upstream.requests) == 1

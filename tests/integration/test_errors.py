@@ -26,6 +26,7 @@ from tests.conftest import (
     GatewayFactory,
     anthropic_provider,
     by_kind,
+    fixture_message,
 )
 from tests.processes import free_port
 
@@ -493,9 +494,8 @@ async def test_pre_stream_error_is_relayed_with_headers(gateway: Gateway, sectio
 
     assert status == 429
     assert out == reply.body
-    assert headers["retry-after"] == "17"
-    assert headers["request-id"] == reply.headers["request-id"]
-    assert headers["anthropic-ratelimit-requests-remaining"] == "0"
+    for name in ("retry-after", "request-id", "anthropic-ratelimit-requests-remaining"):
+        assert headers[name] == reply.headers[name], name
     assert headers["Content-Type"].startswith("application/json")
     assert len(gateway.upstream.requests) == 1
     records = await gateway.records()
@@ -530,7 +530,9 @@ async def test_sdk_sees_rate_limit_error(gateway: Gateway, stream: bool) -> None
 
 
 async def test_mid_stream_error_is_relayed_verbatim(gateway: Gateway) -> None:
-    reply = Reply.from_section(load_txtar(ANTHROPIC / "mid_stream_error.txtar")["streaming"])
+    section = load_txtar(ANTHROPIC / "mid_stream_error.txtar")["streaming"]
+    started_with = fixture_message(section)  # what arrived before the error event
+    reply = Reply.from_section(section)
     gateway.upstream.enqueue(reply)
 
     status, headers, out = await send(f"{gateway.url}/v1/messages", stream_body())
@@ -542,7 +544,7 @@ async def test_mid_stream_error_is_relayed_verbatim(gateway: Gateway) -> None:
     assert len(started) == 1
     interception_id = started[0]["interception_id"]
     expected = reply.body.replace(
-        b'"msg_0165yk7Pz7dqa6wMVK91MtoE"', json.dumps(interception_id).encode()
+        json.dumps(started_with.id).encode(), json.dumps(interception_id).encode()
     )
     assert expected != reply.body
     assert out == expected
@@ -556,8 +558,8 @@ async def test_mid_stream_error_is_relayed_verbatim(gateway: Gateway) -> None:
     assert end["error_type"] == "overloaded_error"
     usage = by_kind(records, "token_usage")
     assert len(usage) == 1
-    assert usage[0]["input"] == 14
-    assert usage[0]["msg_id"] == "msg_0165yk7Pz7dqa6wMVK91MtoE"
+    assert usage[0]["input"] == started_with.usage.input_tokens
+    assert usage[0]["msg_id"] == started_with.id
 
 
 async def test_sdk_sees_mid_stream_error(gateway: Gateway) -> None:
@@ -573,10 +575,12 @@ async def test_sdk_sees_mid_stream_error(gateway: Gateway) -> None:
             async for event in events:
                 seen.append(event.type)
 
-    assert caught.value.type == "overloaded_error"
-    assert caught.value.api_message == "Overloaded"
+    scripted = sse_events(reply.body)
+    [error] = [json.loads(data)["error"] for name, data in scripted if name == "error"]
+    assert (caught.value.type, caught.value.api_message) == (error["type"], error["message"])
     assert seen[0] == "message_start"
-    assert seen.count("content_block_delta") == 3
+    deltas = [name for name, _ in scripted].count("content_block_delta")
+    assert deltas and seen.count("content_block_delta") == deltas
 
 
 async def test_upstream_cut_mid_stream_ends_with_error_event(gateway: Gateway) -> None:
@@ -588,30 +592,45 @@ async def test_upstream_cut_mid_stream_ends_with_error_event(gateway: Gateway) -
     status, _, out = await send(f"{gateway.url}/v1/messages", stream_body())
 
     assert status == 200
-    events = sse_events(out)
-    assert [name for name, _ in events[:3]] == ["message_start", "content_block_start", "ping"]
+    # The response headers went out before the upstream broke: the client got every event the
+    # upstream sent before the cut, byte for byte (message id aside), then exactly one error.
+    events = split_events(out)
+    relayed = split_events(reply.body)[: reply.cut_after]
+    assert len(events) == len(relayed) + 1
+    assert events[1:-1] == relayed[1:]
+    assert sse_events(events[0])[0][0] == "message_start"
     # The client is told the stream broke instead of seeing a silent truncation.
-    name, data = events[-1]
+    name, data = sse_events(out)[-1]
     assert name == "error"
     error = json.loads(data)
     assert error["type"] == "error"
     assert error["error"]["type"] == "api_error"
     assert "upstream" in error["error"]["message"]
+    assert "127.0.0.1" not in error["error"]["message"]
     assert b"Traceback" not in out
     assert out.endswith(b"\n\n")
     assert b"message_stop" not in out
     end = one_end(await gateway.records())
     assert end["status"] == "failed"
+    assert end["error_type"] == "upstream_stream_broken"
 
 
-async def test_non_json_200_to_blocking_request_is_relayed_and_failed(gateway: Gateway) -> None:
-    junk = b"<html><body>upstream proxy says hello</body></html>"
-    gateway.upstream.enqueue(Reply(status=200, headers={"Content-Type": "text/html"}, body=junk))
+async def test_sdk_raises_when_the_upstream_breaks_mid_stream(gateway: Gateway) -> None:
+    reply = Reply.from_section(load_txtar(ANTHROPIC / "text.txtar")["streaming"])
+    reply.cut_after = 5
+    gateway.upstream.enqueue(reply)
+    seen: list[str] = []
 
-    status, _, out = await send(f"{gateway.url}/v1/messages", body_of())
+    async with anthropic.AsyncAnthropic(
+        base_url=gateway.url, api_key=GATEWAY_KEY, max_retries=0
+    ) as client:
+        with pytest.raises(anthropic.APIStatusError) as caught:
+            async with client.messages.stream(**REQUEST) as stream:
+                async for event in stream:
+                    seen.append(event.type)
 
-    assert status == 200
-    assert out == junk
-    records = await gateway.records()
-    assert len(by_kind(records, "interception_started")) == 1
-    assert one_end(records)["status"] == "failed"
+    assert caught.value.type == "api_error"
+    assert seen[:2] == ["message_start", "content_block_start"]
+    assert "text" in seen  # the deltas before the cut reached the client
+    end = one_end(await gateway.records())
+    assert (end["status"], end["error_type"]) == ("failed", "upstream_stream_broken")

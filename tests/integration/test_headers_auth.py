@@ -117,6 +117,7 @@ def started_of(records: list[Any]) -> dict[str, Any]:
 
 
 def secrets_absent(records: list[Any], *secrets: str) -> None:
+    assert records, "no records to check"
     for record in records:
         dumped = json.dumps(record.payload)
         for secret in secrets:

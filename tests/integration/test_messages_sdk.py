@@ -1,8 +1,9 @@
 """The official anthropic SDK through the gateway gets what it gets from the provider directly.
 
-Every scenario runs twice against the same fake upstream replaying the same recorded bytes: once
-direct, once through the gateway. The SDK's final message must be identical but for its id, and
-the spool must hold exactly the records the scenario implies (derived from the direct message).
+Every scenario runs twice against the same fake upstream replaying the same (synthetic) fixture
+bytes: once direct, once through the gateway. The SDK's final message must be identical but for its
+id, and the spool must hold exactly the records the scenario implies (derived from the direct
+message).
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ import orjson
 import pytest
 
 from gateway.testing import Reply, load_txtar
-from tests.conftest import FIXTURES, GATEWAY_KEY, Gateway, by_kind
+from tests.conftest import FIXTURES, GATEWAY_KEY, Gateway, by_kind, fixture_message
 from tests.sdk import MODES, assert_records_match, final_message
 
 SCENARIOS = ["text", "thinking", "client_tool", "parallel_tools", "cache_tokens", "long_stream"]
@@ -62,7 +63,7 @@ async def test_stream_bytes_identical_but_for_message_id(gateway: Gateway) -> No
         assert r.headers["Content-Type"].startswith("text/event-stream")
         received = await r.read()
     [started] = by_kind(await gateway.records(), "interception_started")
-    upstream_id = orjson.loads(fx["non-streaming"])["id"].encode()
+    upstream_id = fixture_message(fx["streaming"]).id.encode()
     expected = reply.body.replace(upstream_id, started["interception_id"].encode())
     assert received == expected
     assert upstream_id not in received

@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import time
+
 import aiohttp
 import orjson
+import pytest
+from aiohttp import web
 
 from gateway.testing import FakeUpstream, Reply, load_txtar
 from tests.conftest import FIXTURES, GATEWAY_KEY, GatewayFactory, anthropic_provider, by_kind
@@ -63,3 +67,46 @@ async def test_no_retry_by_default_and_never_on_client_errors(
     upstream.enqueue(bad)
     assert (await post(gw2.url, stream=False))[0] == 400
     assert len(upstream.requests) == 2
+
+
+class TimedUpstream(FakeUpstream):
+    """The fake provider, noting when each request arrived."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.arrivals: list[float] = []
+
+    async def _handle(self, request: web.Request) -> web.StreamResponse:
+        self.arrivals.append(time.monotonic())
+        return await super()._handle(request)
+
+
+@pytest.mark.parametrize(
+    ("name", "value", "at_least", "below"),
+    [
+        # Back-off alone would wait 0.375-0.5 s before the first retry.
+        ("Retry-After-Ms", "10", 0.0, 0.3),
+        ("Retry-After-Ms", "1500", 1.4, 5.0),
+        ("RETRY-AFTER", "1", 0.9, 5.0),
+    ],
+)
+async def test_retry_waits_what_the_provider_asks_whatever_the_header_case(
+    make_gateway: GatewayFactory, name: str, value: str, at_least: float, below: float
+) -> None:
+    timed = TimedUpstream()
+    await timed.start()
+    try:
+        gw = await make_gateway(providers=provider(timed, 1))
+        busy = Reply(
+            status=529,
+            headers={"Content-Type": "application/json", name: value},
+            body=OVERLOADED.body,
+        )
+        timed.enqueue(busy, Reply.from_section(TEXT["non-streaming"]))
+        status, _ = await post(gw.url, stream=False)
+    finally:
+        await timed.close()
+
+    assert status == 200
+    first, second = timed.arrivals
+    assert at_least <= second - first < below

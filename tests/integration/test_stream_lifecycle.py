@@ -9,11 +9,20 @@ import orjson
 
 from gateway.sse.keepalive import ANTHROPIC_PING
 from gateway.testing import Reply, load_txtar, split_events
-from tests.conftest import FIXTURES, GATEWAY_KEY, Gateway, GatewayFactory, by_kind, wait_for_end
+from tests.conftest import (
+    FIXTURES,
+    GATEWAY_KEY,
+    Gateway,
+    GatewayFactory,
+    by_kind,
+    fixture_message,
+    wait_for_end,
+)
 
 TEXT = load_txtar(FIXTURES / "anthropic" / "text.txtar")
 REQUEST = dict(orjson.loads(TEXT["request"]), stream=True)
-FINAL_OUTPUT = orjson.loads(TEXT["non-streaming"])["usage"]["output_tokens"]
+STREAMED = fixture_message(TEXT["streaming"])  # every test here replays the streaming section
+FINAL_OUTPUT = STREAMED.usage.output_tokens
 
 
 async def read_whole_stream(gw: Gateway) -> bytes:
@@ -66,7 +75,7 @@ async def test_disconnect_cancel_mode_stops_upstream_and_still_records(
     assert ended["status"] == "client_disconnected"
     [tokens] = by_kind(await gw.records(), "token_usage")
     # Cancelled early: what message_start reported is recorded, and generation stopped.
-    assert tokens["input"] == orjson.loads(TEXT["non-streaming"])["usage"]["input_tokens"]
+    assert tokens["input"] == STREAMED.usage.input_tokens
     assert tokens["output"] < FINAL_OUTPUT
     await asyncio.wait_for(gw.upstream.finished.wait(), 5)
     assert gw.upstream.events_sent < len(split_events(TEXT["streaming"].encode()))
@@ -101,7 +110,7 @@ async def test_pings_sent_while_upstream_is_silent(make_gateway: GatewayFactory)
     assert pings >= 4
     without_pings = received.replace(ANTHROPIC_PING, b"")
     [started] = by_kind(await gw.records(), "interception_started")
-    upstream_id = orjson.loads(TEXT["non-streaming"])["id"].encode()
+    upstream_id = STREAMED.id.encode()
     assert without_pings == slow.body.replace(upstream_id, started["interception_id"].encode())
 
 

@@ -438,3 +438,46 @@ async def test_a_spool_that_cannot_write_does_not_hold_responses(
     assert not spool.degraded
     assert {r.interception_id for r in records} == set(ids)
     assert Counter(r.kind for r in records) == dict.fromkeys(KINDS, 3)
+
+
+async def test_control_rpcs_answer_while_the_spool_write_is_stalled(
+    control: tuple[Gateway, Stub], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """GetStatus, AckUsage and StreamUsage do not queue behind a write stuck on the disk."""
+    gw, stub = control
+    gw.upstream.default = Reply.from_section(TEXT["non-streaming"])
+    await ask_many(gw.url, 3)
+    await gw.daemon.spool.flush()
+    epoch = (await get_status(stub)).spool_epoch
+    spool = gw.daemon.spool
+    assert spool._file is not None
+    real_insert = spool._file.insert
+    stalled, release = threading.Event(), threading.Event()
+
+    def insert(rows: list[Any]) -> int:
+        stalled.set()
+        release.wait(30)  # the disk hangs: the writer thread is stuck here
+        return real_insert(rows)
+
+    monkeypatch.setattr(spool._file, "insert", insert)
+    reader = None
+    try:
+        await ask_many(gw.url, 1)  # answered at once (journal); its records wait for the disk
+        assert await asyncio.to_thread(stalled.wait, 5)
+        async with asyncio.timeout(3):  # each answers at once; a loaded VM gets some slack
+            status = await get_status(stub)
+            assert (status.spool_depth, status.high_watermark) == (12, 12)
+            reader = Reader(stub, max_batch=100)
+            first = await reader.count(12)
+            assert [r.seq for r in first] == list(range(1, 13))
+            acked = await ack(stub, epoch, 6)
+            assert (acked.removed, acked.spool_depth) == (6, 6)
+            assert (await get_status(stub)).spool_depth == 6
+    finally:
+        release.set()
+    assert reader is not None
+    try:
+        records = await reader.count(16)  # the stalled batch, delivered once written
+    finally:
+        await reader.close()
+    assert [r.seq for r in records] == list(range(1, 17))

@@ -12,8 +12,8 @@ import pytest
 import yaml
 from pydantic import ValidationError
 
-from gateway.config import ConfigError, Settings, load_settings
-from gateway.state import Snapshot
+from gateway.config import ConfigError, Settings, describe_invalid, load_settings
+from gateway.state import Snapshot, unset_key_envs
 
 PROVIDER_SECRET = "sk-ant-provider-secret-0123456789"
 CLIENT_SECRET = "gw-client-secret-abcdefghij"
@@ -179,25 +179,7 @@ def test_missing_env_key_is_empty() -> None:
 @pytest.mark.parametrize(
     ("overrides", "needles"),
     [
-        (
-            {"providers": [{"name": "Bad_Name", "type": "anthropic"}]},
-            ["providers.0.name", "pattern"],
-        ),
-        (
-            {
-                "providers": [
-                    {"name": "dup", "type": "anthropic"},
-                    {"name": "ok", "type": "openai"},
-                    {"name": "dup", "type": "openai"},
-                ]
-            },
-            ["providers", "duplicate provider name", "dup"],
-        ),
         ({"providers": [{"name": "x", "type": "gemini"}]}, ["providers.0.type"]),
-        (
-            {"providers": [{"name": "x", "type": "anthropic", "base_url": "ftp://h"}]},
-            ["providers.0", "base_url"],
-        ),
         ({"providers": [{"name": "x", "type": "anthropic", "apikey": "k"}]}, ["apikey"]),
         ({"listen": "nope"}, ["listen", "nope"]),
         ({"control_listen": "host:port"}, ["control_listen"]),
@@ -207,7 +189,6 @@ def test_missing_env_key_is_empty() -> None:
             ["api_keys.0", "key_sha256"],
         ),
         ({"api_keys": [{"actor_id": "u-1"}]}, ["api_keys.0", "key_sha256"]),
-        ({"api_keys": [{"key_sha256": "xyz", "actor_id": "u-1"}]}, ["api_keys.0", "sha256"]),
         ({"ping_interval": 0}, ["ping_interval"]),
         ({"on_client_disconnect": "ignore"}, ["on_client_disconnect"]),
         ({"no_such_setting": 1}, ["no_such_setting"]),
@@ -223,9 +204,165 @@ def test_invalid_settings_name_the_field(overrides: dict[str, Any], needles: lis
 
 def test_invalid_provider_in_yaml(tmp_path: Path) -> None:
     config = _yaml(tmp_path, {"providers": [{"name": "UPPER", "type": "anthropic"}]})
+    with pytest.raises(ConfigError) as info:
+        Snapshot.from_settings(load_settings(config), environ={})
+    assert str(info.value).startswith("invalid configuration: providers[0].name: must match")
+
+
+# The state's rules are the ones a host's push goes through (control.convert): a YAML file can
+# no more hold what a push would be refused for (an invalid MCP regex got through before, and
+# every request then failed with 500).
+_MCP = {"id": "tools", "url": "http://127.0.0.1:9000/mcp"}
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        (
+            {"mcp_servers": [_MCP, {**_MCP, "id": "t2", "tool_allow_regex": "("}]},
+            "mcp_servers[1].tool_allow_regex: invalid regex: ",
+        ),
+        (
+            {"mcp_servers": [{**_MCP, "tool_deny_regex": "[a-"}]},
+            "mcp_servers[0].tool_deny_regex: invalid regex: unterminated character set",
+        ),
+        ({"mcp_servers": [{**_MCP, "id": "a.b"}]}, "mcp_servers[0].id: must match"),
+        ({"mcp_servers": [{**_MCP, "id": ""}]}, "mcp_servers[0].id: required"),
+        ({"mcp_servers": [_MCP, _MCP]}, "mcp_servers[1].id: duplicate server id 'tools'"),
+        ({"mcp_servers": [{**_MCP, "url": "ws://h/mcp"}]}, "mcp_servers[0].url: malformed URL"),
+        (
+            {"mcp_servers": [{**_MCP, "headers": {"a b": "v"}}]},
+            "mcp_servers[0].headers['a b']: invalid header name",
+        ),
+        (
+            {"mcp_servers": [{**_MCP, "headers": {"X-Key": "v\r\nX-Evil: 1"}}]},
+            "mcp_servers[0].headers['X-Key']: must not contain CR, LF or NUL",
+        ),
+        (
+            {"providers": [{"name": "Bad_Name", "type": "anthropic"}]},
+            "providers[0].name: must match",
+        ),
+        (
+            {
+                "providers": [
+                    {"name": "dup", "type": "anthropic"},
+                    {"name": "ok", "type": "openai"},
+                    {"name": "dup", "type": "openai"},
+                ]
+            },
+            "providers[2].name: duplicate provider name 'dup'",
+        ),
+        (
+            {"providers": [{"name": "x", "type": "anthropic", "base_url": "ftp://h"}]},
+            "providers[0].base_url: malformed URL: scheme must be http or https",
+        ),
+        (
+            {"providers": [{"name": "x", "type": "anthropic", "base_url": "https://a b/"}]},
+            "providers[0].base_url: malformed URL",
+        ),
+        (
+            {"providers": [{"name": "x", "type": "anthropic", "max_retries": 11}]},
+            "providers[0].max_retries",
+        ),
+        (
+            {"providers": [{"name": "x", "type": "anthropic", "api_key": "k\r\nX: y"}]},
+            "providers[0].api_key: must not contain CR, LF or NUL",
+        ),
+        (
+            {"api_keys": [{"key_sha256": "xyz", "actor_id": "u-1"}]},
+            "api_keys[0].key_sha256: must be 64 hex characters",
+        ),
+        (
+            {"api_keys": [{"key": "k1", "actor_id": "u-1"}, {"key": "k1", "actor_id": "u-2"}]},
+            "api_keys[1].key_sha256: duplicate of api_keys[0]",
+        ),
+        ({"api_keys": [{"key": "k1", "actor_id": ""}]}, "api_keys[0].actor_id: required"),
+    ],
+)
+def test_state_from_yaml_follows_the_push_rules(overrides: dict[str, Any], message: str) -> None:
+    settings = load_settings(None, **overrides)
+    with pytest.raises(ConfigError) as info:
+        Snapshot.from_settings(settings, environ={})
+    assert str(info.value).startswith(f"invalid configuration: {message}")
+    assert "\n" not in str(info.value)
+
+
+def test_state_errors_never_echo_a_secret() -> None:
+    settings = load_settings(
+        None, providers=[{"name": "x", "type": "anthropic", "api_key": "s3cret\r\n"}]
+    )
+    with pytest.raises(ConfigError) as info:
+        Snapshot.from_settings(settings, environ={})
+    assert "s3cret" not in str(info.value)
+
+
+def test_central_key_from_env_is_stripped_and_checked() -> None:
+    settings = load_settings(None, providers=[{"name": "x", "type": "anthropic"}])
+    snapshot = Snapshot.from_settings(settings, environ={"ANTHROPIC_API_KEY": "sk-from-file\n"})
+    assert snapshot.providers["x"].api_key == "sk-from-file"
+    with pytest.raises(ConfigError, match=r"providers\[0\]\.api_key: must not contain CR"):
+        Snapshot.from_settings(settings, environ={"ANTHROPIC_API_KEY": "sk\r\nX-Evil: 1"})
+
+
+def test_unset_key_envs() -> None:
+    settings = load_settings(
+        None,
+        providers=[
+            {"name": "a", "type": "anthropic", "api_key_env": "MY_KEY"},
+            {"name": "b", "type": "anthropic"},
+            {"name": "c", "type": "openai", "api_key": "sk-inline"},
+            {"name": "d", "type": "openai"},
+        ],
+    )
+    environ = {"ANTHROPIC_API_KEY": "sk-set", "OPENAI_API_KEY": " "}
+    assert unset_key_envs(settings, environ) == {"a": "MY_KEY", "d": "OPENAI_API_KEY"}
+
+
+# -- one-line errors --------------------------------------------------------------------------
+
+
+def test_validation_error_is_one_line_naming_each_setting() -> None:
     with pytest.raises(ValidationError) as info:
-        load_settings(config)
-    assert "providers.0.name" in str(info.value)
+        load_settings(
+            None,
+            listen="nope",
+            providers=[{"name": "x", "type": "gemini", "api_key": "sk-secret-value"}],
+        )
+    line = describe_invalid(info.value)
+    assert "\n" not in line
+    assert line.startswith("invalid configuration: ")
+    assert "listen: 'nope' is not HOST:PORT" in line
+    assert "providers[0].type: " in line
+    assert "sk-secret-value" not in line
+
+
+def test_yaml_syntax_error(tmp_path: Path) -> None:
+    path = tmp_path / "bad.yaml"
+    path.write_text("listen: [\n")
+    with pytest.raises(ConfigError) as info:
+        load_settings(path)
+    assert str(info.value).startswith(f"invalid configuration: {path}: not valid YAML at line 2")
+    assert "\n" not in str(info.value)
+
+
+def test_bad_json_in_env_names_the_variable(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("AIBRIDGED_PROVIDERS", '[{"api_key": "sk-secret-value",')
+    with pytest.raises(ConfigError) as info:
+        load_settings()
+    assert str(info.value).startswith("invalid configuration: AIBRIDGED_PROVIDERS: not valid JSON")
+    assert "sk-secret-value" not in str(info.value)
+
+
+def test_control_token_file_errors(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match=r"^control_token_file: cannot read .*absent"):
+        load_settings(None, control_token_file=tmp_path / "absent").control_bearer()
+    empty = tmp_path / "empty"
+    empty.write_text(" \n")
+    with pytest.raises(ConfigError, match=r"^control_token_file: .*empty is empty$"):
+        load_settings(None, control_token_file=empty).control_bearer()
+    token = tmp_path / "token"
+    token.write_text("t0ken\n")
+    assert load_settings(None, control_token_file=token).control_bearer() == "t0ken"
 
 
 def test_bad_listen_from_env(monkeypatch: pytest.MonkeyPatch) -> None:

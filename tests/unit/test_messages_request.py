@@ -1,4 +1,5 @@
-"""Unit tests for Messages request parsing and blocking-response rewriting (pure)."""
+"""Unit tests for Messages request parsing and blocking-response rewriting (pure), and for the
+hand-written fixtures they read."""
 
 from __future__ import annotations
 
@@ -16,7 +17,8 @@ from gateway.intercept.messages.request import (
     parse_request,
 )
 from gateway.records import ModelThought, PromptUsage, Record, TokenUsage, ToolUsage
-from gateway.testing import load_txtar
+from gateway.testing import load_txtar, parse_txtar
+from tests.conftest import fixture_message
 
 FIXTURES = Path(__file__).resolve().parents[1] / "fixtures" / "anthropic"
 IID = "intc_fedcba9876543210"
@@ -58,6 +60,31 @@ def _body(**fields: Any) -> bytes:
 def test_fixtures_found() -> None:
     assert len(REQUESTS) >= 8
     assert len(BLOCKING) >= 6
+
+
+@pytest.mark.parametrize("path", FIXTURE_FILES, ids=[p.stem for p in FIXTURE_FILES])
+def test_fixture_is_labelled_synthetic_and_sections_are_distinct(path: Path) -> None:
+    """Hand-written fixtures say so, and no two response sections share a message id or usage
+    (two real requests never do), so a test reading the wrong section cannot pass by accident."""
+    comment, sections = parse_txtar(path.read_text())
+    assert "synthetic" in comment.lower()
+    messages = [
+        fixture_message(text)
+        for name, text in sections.items()
+        if name != "request" and not text.startswith("HTTP/")
+    ]
+    ids = [m.id for m in messages]
+    assert len(set(ids)) == len(ids), ids
+    usages = [
+        (
+            u.input_tokens,
+            u.output_tokens,
+            u.cache_read_input_tokens or 0,
+            u.cache_creation_input_tokens or 0,
+        )
+        for u in (m.usage for m in messages)
+    ]
+    assert len(set(usages)) == len(usages), usages
 
 
 @pytest.mark.parametrize(("name", "body"), REQUESTS, ids=[n for n, _ in REQUESTS])
@@ -302,8 +329,25 @@ def test_rewrite_blocking_fixture_values() -> None:
     by_name = {name: body for name, body, _ in BLOCKING}
     result = rewrite_blocking(by_name["cache_tokens"], IID, None)
     (usage,) = _of(result.records, TokenUsage)
-    assert (usage.input, usage.output, usage.cache_read, usage.cache_write) == (24, 119, 2210, 2709)
-    assert (usage.cache_write_5m, usage.cache_write_1h) == (1175, 1534)
+    u = orjson.loads(by_name["cache_tokens"])["usage"]
+    split = u["cache_creation"]
+    expected = (
+        u["input_tokens"],
+        u["output_tokens"],
+        u["cache_read_input_tokens"],
+        u["cache_creation_input_tokens"],
+        split["ephemeral_5m_input_tokens"],
+        split["ephemeral_1h_input_tokens"],
+    )
+    assert len(set(expected)) == len(expected)  # distinct, so no field can pass for another
+    assert (
+        usage.input,
+        usage.output,
+        usage.cache_read,
+        usage.cache_write,
+        usage.cache_write_5m,
+        usage.cache_write_1h,
+    ) == expected
     assert _of(result.records, PromptUsage) == []
     result = rewrite_blocking(by_name["parallel_tools"], IID, None)
     assert [t.tool for t in _of(result.records, ToolUsage)] == ["get_weather", "get_local_time"]

@@ -13,12 +13,14 @@ from anthropic.lib.streaming._messages import accumulate_event
 from anthropic.types import RawMessageStreamEvent
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from jiter import from_json
 
 from gateway.intercept.messages.rewrite_id import replace_id
 from gateway.intercept.messages.stream import MessagesStream, StreamError
 from gateway.records import ModelThought, PromptUsage, Record, TokenUsage, ToolUsage
 from gateway.sse import Frame, SSEFramer, encode
-from tests.conftest import recorded_sse_streams
+from gateway.testing import load_txtar
+from tests.conftest import FIXTURES, recorded_sse_streams
 
 IID = "intc_0123456789abcdef"
 PROMPT = "the user's last prompt"
@@ -178,6 +180,7 @@ def _relay_chunks(
     for chunk in chunks:
         out += stream.feed_chunk(framer, chunk) or b""
         records.extend(stream.take_records())
+    # Fed like ``_frames`` does, to compare with it (the relay drops these: a cut event).
     rest = framer.flush()
     if rest is not None:
         out += stream.feed(rest)
@@ -361,7 +364,9 @@ def test_records_match_sdk_accumulator(name: str, data: bytes) -> None:
     assert [(t.tool, t.tool_call_id) for t in got_tools] == [(b.name, b.id) for b in tools]
     for got, block in zip(got_tools, tools, strict=True):
         assert got.msg_id == msg_id
-        assert orjson.loads(got.args) == block.input
+        # The record keeps the arguments as streamed: cut by max_tokens, they are a prefix,
+        # which the SDK reads in partial mode.
+        assert from_json(got.args.encode(), partial_mode=True) == block.input
         assert not got.injected
 
     thoughts = [b.thinking for b in snapshot.content if b.type == "thinking"]
@@ -585,3 +590,72 @@ def test_records_taken_incrementally() -> None:
     assert [type(r) for r in rest] == [TokenUsage]
     assert stream.message_stopped
     assert stream.finish() == []
+
+
+# -- the loop goes on only after a turn that stopped on tool_use --------------------------------
+
+
+def _loop_fixture(name: str) -> list[Frame]:
+    return _frames(load_txtar(FIXTURES / "anthropic" / f"{name}.txtar")["streaming"].encode())
+
+
+def _injected(name: str) -> bool:
+    return name.startswith("bmcp_")
+
+
+def test_injected_call_cut_by_max_tokens_ends_the_turn() -> None:
+    frames = _loop_fixture("synthetic_loop_max_tokens")
+    stream = MessagesStream(IID, PROMPT, _injected)
+    out = stream.feed_all(frames)
+
+    # The client gets a whole message: its text, the real stop reason, its message_stop.
+    assert b"bmcp_" not in out and b"toolu_" not in out
+    sent = _frames(out)
+    assert [f.event for f in sent] == [
+        "message_start",
+        "content_block_start",
+        "content_block_delta",
+        "content_block_stop",
+        "message_delta",
+        "message_stop",
+    ]
+    assert orjson.loads(sent[-2].data)["delta"]["stop_reason"] == "max_tokens"
+    assert stream.stop_relayed
+    # The half-written call is not for the loop to run; it is reported as skipped, with why.
+    assert stream.tool_calls == []
+    (skipped,) = stream.skipped_calls
+    assert (skipped.name, skipped.tool_use_id) == (
+        "bmcp_tools_add",
+        "toolu_01MaxTokCallStream12345",
+    )
+    assert "max_tokens" in stream.skip_reason
+    assert not _of(stream.take_records() + stream.finish(), ToolUsage)
+
+
+def test_injected_call_on_tool_use_continues_the_loop() -> None:
+    frames = _loop_fixture("injected_add")
+    stream = MessagesStream(IID, PROMPT, _injected)
+    out = stream.feed_all(frames)
+
+    # The turn's end stays hidden: the next turn continues the same client message.
+    names = [f.event for f in _frames(out)]
+    assert "message_delta" not in names and "message_stop" not in names
+    assert not stream.stop_relayed
+    (call,) = stream.tool_calls
+    assert (call.name, call.input) == ("bmcp_tools_add", {"a": 2, "b": 3})
+    assert stream.skipped_calls == []
+
+
+@pytest.mark.parametrize("stop_reason", ["end_turn", "max_tokens", "pause_turn", "refusal"])
+def test_only_tool_use_continues(stop_reason: str) -> None:
+    frames = [
+        Frame(f.raw.replace(b'"stop_reason":"tool_use"', f'"stop_reason":"{stop_reason}"'.encode()))
+        for f in _loop_fixture("injected_add")
+    ]
+    stream = MessagesStream(IID, PROMPT, _injected)
+    out = stream.feed_all(frames)
+
+    assert [f.event for f in _frames(out)][-2:] == ["message_delta", "message_stop"]
+    assert stream.tool_calls == []
+    assert [c.name for c in stream.skipped_calls] == ["bmcp_tools_add"]
+    assert stop_reason in stream.skip_reason

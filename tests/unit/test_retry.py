@@ -40,3 +40,11 @@ def test_backoff_grows_and_is_capped() -> None:
     assert delays[:4] == [0.5, 1.0, 2.0, 4.0]
     assert max(delays) == MAX_DELAY
     assert retry_delay(2, {}, 0.999) < retry_delay(2, {}, 0.0)
+
+
+def test_retry_headers_are_read_whatever_their_case() -> None:
+    # A plain dict keeps the provider's spelling (aiohttp's headers would not need this).
+    assert retry_delay(0, {"Retry-After-Ms": "10"}, 0.0) == pytest.approx(0.01)
+    assert retry_delay(0, {"RETRY-AFTER": "3"}, 0.0) == 3.0
+    assert should_retry(429, {"X-Should-Retry": "false"}) is False
+    assert should_retry(400, {"X-SHOULD-RETRY": "True"}) is True

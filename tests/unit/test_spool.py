@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
+import os
 import sqlite3
+import stat
+import threading
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -14,6 +18,7 @@ import pytest
 
 from control.journal import Journal, read_journal
 from control.spool import Spool, SpooledRecord
+from gateway.config import ConfigError
 from gateway.records import (
     InterceptionEnded,
     InterceptionStarted,
@@ -69,6 +74,22 @@ def _record(i: int) -> Record:
 
 def _expected(record: Record) -> object:
     return orjson.loads(orjson.dumps(record))
+
+
+def _die(spool: Spool) -> None:
+    """What the process being killed does to a spool: nothing more is written, nothing closed
+    cleanly; the kernel unmaps the journal and releases the lock."""
+    assert spool._thread is not None and spool._journal is not None
+    assert spool._lock is not None and spool._reader is not None
+    spool._rows.clear()
+    spool._stopping = True
+    spool._wake()
+    spool._thread.join(5)
+    if spool._stall_timer is not None:
+        spool._stall_timer.cancel()
+    spool._journal.close()
+    spool._reader.close()
+    os.close(spool._lock)
 
 
 @pytest.fixture
@@ -327,14 +348,7 @@ async def test_journal_replays_what_sqlite_never_committed(
         first.submit(r)
     await first.persist()  # returns at once: nothing is committed, the journal holds them
     assert first.pending == 12
-    # The process dies here: the writer stops without committing, the mapping goes away.
-    first._rows.clear()
-    first._stopping = True
-    first._wake()
-    first._thread.join(5)
-    if first._stall_timer is not None:
-        first._stall_timer.cancel()
-    first._journal.close()
+    _die(first)
 
     second = Spool(path)
     await second.start()
@@ -396,7 +410,7 @@ def test_journal_halves_take_turns_once_sqlite_holds_a_half(tmp_path: Path) -> N
 async def test_spool_of_one_record_per_row_is_carried_over(tmp_path: Path) -> None:
     """A spool written by an earlier version, with records still unacknowledged."""
     path = tmp_path / "spool.db"
-    old = [_record(0), _record(1)]
+    old = [_record(1), _record(3)]  # no interception_started: nothing left open to end
     db = sqlite3.connect(path)
     db.executescript(
         """
@@ -437,3 +451,180 @@ async def test_spool_of_one_record_per_row_is_carried_over(tmp_path: Path) -> No
     view = db.execute("SELECT seq, record_id, kind FROM spooled_records").fetchall()
     db.close()
     assert view == [(9, "old-epoch:9", "prompt_usage")]
+
+
+# -- files, lock (issue 9, item 6) -------------------------------------------------------------
+
+
+def _mode(path: Path) -> int:
+    return stat.S_IMODE(path.stat().st_mode)
+
+
+async def test_spool_files_are_the_owners_only(tmp_path: Path) -> None:
+    """They hold prompts: database, WAL, shared memory, journal and lock are created 0600."""
+    path = tmp_path / "spool.db"
+    spool = Spool(path)
+    await spool.start()
+    try:
+        spool.submit(_record(2))
+        await spool.persist()
+        await spool.flush()
+        files = [path.with_name(path.name + end) for end in ("", "-wal", "-shm", ".journal")]
+        files.append(path.with_name(path.name + ".lock"))
+        assert {f.name: _mode(f) for f in files} == {f.name: 0o600 for f in files}
+    finally:
+        await spool.close()
+
+
+async def test_files_an_earlier_run_left_readable_are_tightened_at_start(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    path = tmp_path / "spool.db"
+    first = Spool(path)
+    await first.start()
+    record = _record(2)
+    first.submit(record)
+    await first.close()
+    other = sqlite3.connect(path)  # an open connection keeps the WAL and shared-memory files
+    other.execute("SELECT * FROM meta").fetchall()
+    files = [path.with_name(path.name + end) for end in ("", "-wal", "-shm", ".journal")]
+    for f in files:
+        f.chmod(0o644)
+    caplog.set_level(logging.WARNING, logger="aibridged.spool")
+
+    second = Spool(path)
+    await second.start()
+    other.close()
+    try:
+        assert {f.name: _mode(f) for f in files} == {f.name: 0o600 for f in files}
+        assert [r.payload for r in await second.read_after(0, 10)] == [_expected(record)]
+    finally:
+        await second.close()
+    tightened = [r for r in caplog.records if "permissions tightened" in r.getMessage()]
+    assert sorted(Path(getattr(r, "file", "")).name for r in tightened) == sorted(
+        f.name for f in files
+    )
+
+
+async def test_a_second_spool_on_the_same_path_is_refused(tmp_path: Path) -> None:
+    """A second daemon on the same spool would overwrite the first one's journal."""
+    path = tmp_path / "spool.db"
+    first = Spool(path)
+    await first.start()
+    try:
+        record = _record(0)
+        first.submit(record)
+        await first.persist()
+        second = Spool(path)
+        with pytest.raises(ConfigError, match=r"^spool_path .*spool\.db: in use by another"):
+            await second.start()
+        await second.close()
+        # The first one carries on, its journal untouched.
+        assert read_journal(first.journal_path, first.epoch) == [(1, orjson.dumps(record))]
+        first.submit(_record(1))
+        await first.flush()
+        assert len(await first.read_after(0, 10)) == 2
+    finally:
+        await first.close()
+    third = Spool(path)  # the lock goes with the spool that held it
+    await third.start()
+    await third.close()
+
+
+# -- a stalled writer (item 16) ----------------------------------------------------------------
+
+
+async def test_reads_and_acks_do_not_wait_for_a_stalled_write(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    path = tmp_path / "spool.db"
+    spool = Spool(path)
+    await spool.start()
+    assert spool._file is not None
+    for i in range(12):
+        spool.submit(_record(i))
+    await spool.flush()
+    stored = await spool.read_after(0, 100)
+    _, oldest = await spool.stats()
+
+    stalled, release = threading.Event(), threading.Event()
+    real_insert = spool._file.insert
+
+    def insert(runs: list[Any]) -> int:
+        stalled.set()
+        release.wait(30)  # the disk hangs: the writer thread is stuck here
+        return real_insert(runs)
+
+    monkeypatch.setattr(spool._file, "insert", insert)
+    try:
+        spool.submit(_record(12))
+        await spool.persist()
+        assert await asyncio.to_thread(stalled.wait, 5)
+        async with asyncio.timeout(2):  # each answers at once; a loaded VM gets some slack
+            assert await spool.read_after(0, 100) == stored
+            assert await spool.stats() == (12, oldest)
+            assert await spool.ack(stored[5].seq) == 6
+            assert await spool.read_after(0, 100) == stored[6:]
+            assert (await spool.stats())[0] == 6
+            assert await spool.ack(stored[5].seq) == 0
+    finally:
+        release.set()
+    await spool.flush()
+    assert [r.seq for r in await spool.read_after(0, 100)] == list(range(7, 14))
+    await spool.close()
+    # The acknowledgement reached the file once the writer got to it.
+    db = sqlite3.connect(path)
+    remaining = db.execute("SELECT seq FROM spooled_records").fetchall()
+    db.close()
+    assert remaining == [(seq,) for seq in range(7, 14)]
+
+
+# -- interceptions a killed run left open (item 15) --------------------------------------------
+
+
+async def test_interceptions_left_open_are_ended_interrupted_at_the_next_start(
+    tmp_path: Path,
+) -> None:
+    path = tmp_path / "spool.db"
+    first = Spool(path)
+    await first.start()
+    for i in range(6):  # intc-0: started ... ended
+        first.submit(_record(i))
+    for i in range(6, 9):  # intc-1: started, token, prompt; acknowledged
+        first.submit(_record(i))
+    for i in range(12, 15):  # intc-2: started, token, prompt; not acknowledged, in SQLite
+        first.submit(_record(i))
+    await first.flush()
+    await first.ack(7)  # through intc-1's started record
+    await first.flush()
+    first.submit(_record(18))  # intc-3: started, in the journal only
+    await first.persist()
+    assert first._file is not None
+
+    def broken(runs: list[Any]) -> int:
+        raise sqlite3.OperationalError("disk I/O error")
+
+    first._file.insert = broken  # type: ignore[method-assign]
+    _die(first)
+
+    second = Spool(path)
+    await second.start()
+    try:
+        await second.flush()
+        records = await second.read_after(0, 100)
+        ended = [r.payload for r in records if r.kind == "interception_ended"]
+        # intc-0 ended; intc-1's start is acknowledged (the host has it): not looked at.
+        assert [(e["interception_id"], e["status"]) for e in ended] == [
+            ("intc-2", "interrupted"),
+            ("intc-3", "interrupted"),
+        ]
+        assert ended[0]["error_type"] == "gateway_stopped"
+        assert abs(ended[0]["ended_at"] - time.time()) < 60
+    finally:
+        await second.close()
+    third = Spool(path)  # ended once: nothing is left open now
+    await third.start()
+    try:
+        assert len(await third.read_after(0, 100)) == len(records)
+    finally:
+        await third.close()

@@ -9,7 +9,7 @@ from typing import Any
 import orjson
 
 from gateway.intercept.messages.rewrite_id import replace_id
-from gateway.intercept.messages.stream import ToolCall
+from gateway.intercept.messages.stream import ToolCall, not_run_reason
 from gateway.intercept.messages.usage import MessageUsage
 from gateway.records import ModelThought, PromptUsage, Record, ToolUsage
 
@@ -23,15 +23,17 @@ class BlockingResult:
     error: str = ""
     tool_calls: list[ToolCall] = field(default_factory=list)
     assistant: dict[str, Any] | None = None
-    # Injected calls of a final turn that also called client tools: not run.
+    # Injected calls of a final turn: not run, for ``skip_reason``.
     skipped_calls: list[ToolCall] = field(default_factory=list)
+    skip_reason: str = ""
 
 
 class BlockingTurns:
     """The upstream responses of one blocking interception, one ``feed`` per upstream call.
 
-    With injected tools, a response whose only tool calls are injected ones is a turn the
-    gateway continues itself (``tool_calls`` is non-empty); the last response goes to the
+    With injected tools, a response that stopped on ``tool_use`` and whose only tool calls are
+    injected ones is a turn the gateway continues itself (``tool_calls`` is non-empty); any other
+    response is final, its injected calls dropped and not run. The last response goes to the
     client with the interception id and, after a loop, the usage of every turn summed.
     """
 
@@ -70,16 +72,18 @@ class BlockingTurns:
         content = message.get("content")
         content = content if isinstance(content, list) else []
         calls, client_tool = self._content_records(content, msg_id, records)
-        if calls and not client_tool:
+        stop_reason = message.get("stop_reason")
+        if calls and not client_tool and stop_reason == "tool_use":
             return BlockingResult(body, records, tool_calls=calls, assistant=_assistant(content))
         client_body = self._client_body(body, message, msg_id, content)
-        return BlockingResult(client_body, records, skipped_calls=calls)
+        reason = not_run_reason(client_tool, stop_reason if isinstance(stop_reason, str) else "")
+        return BlockingResult(client_body, records, skipped_calls=calls, skip_reason=reason)
 
     def _client_body(
         self, body: bytes, message: dict[str, Any], msg_id: str, content: list[Any]
     ) -> bytes:
-        # Injected calls left in a final turn (it also called client tools) are not run: the
-        # client must not see them, or it would owe a result for a tool it does not know.
+        # Injected calls left in a final turn are not run: the client must not see them, or it
+        # would owe a result for a tool it does not know.
         visible = [b for b in content if not self._is_injected_call(b)]
         if len(visible) != len(content):
             message["content"] = visible
@@ -150,6 +154,6 @@ def _assistant(content: list[Any]) -> dict[str, Any]:
 def rewrite_blocking(body: bytes, interception_id: str, prompt: str | None) -> BlockingResult:
     """Rewrite the message id of a 200 response body and extract its records (no tool loop).
 
-    A body that is not a JSON message is relayed untouched and reported in ``error``.
+    A body that is not a JSON message is reported in ``error`` (the relay answers 502).
     """
     return BlockingTurns(interception_id, prompt).feed(body)

@@ -6,11 +6,13 @@ queues records, which the I/O shell collects with ``take_records()``. Without in
 the bulk of a stream, pass as the provider's bytes.
 
 With injected tools (``injected`` given) one client-visible message may span several upstream
-turns: the gateway runs the tools the model called and continues the conversation itself. Then
-the client sees a single ``message_start`` (the first), no trace of injected ``tool_use`` blocks
-or of the turns that only called them, content-block indices renumbered monotonically across
-turns, and a final ``message_delta`` whose usage is the total of all turns. No key is ever added
-to an event that did not have it, except the cumulative usage fields of that final delta.
+turns: when a turn stops on ``tool_use`` having called only injected tools, the gateway runs them
+and continues the conversation itself. Then the client sees a single ``message_start`` (the
+first), no trace of injected ``tool_use`` blocks or of the turns that only called them,
+content-block indices renumbered monotonically across turns, and a final ``message_delta`` whose
+usage is the total of all turns. No key is ever added to an event that did not have it, except
+the cumulative usage fields of that final delta. A turn that stops otherwise (``max_tokens``
+cutting an injected call short) is final: its injected calls are hidden and not run.
 """
 
 from __future__ import annotations
@@ -75,6 +77,13 @@ class ToolCall:
     msg_id: str
 
 
+def not_run_reason(client_tool: bool, stop_reason: str) -> str:
+    """Why the injected calls of a final turn were not run (their ``ToolUsage`` record says)."""
+    if client_tool:
+        return "not run: the same turn called client tools"
+    return f"not run: the turn stopped on {stop_reason or 'no stop_reason'}, not tool_use"
+
+
 class MessagesStream:
     """Rewrites one client-visible Anthropic stream and extracts its records."""
 
@@ -104,6 +113,9 @@ class MessagesStream:
         self._next_index = 0
         self._turn_calls: list[_Block] = []
         self._turn_client_tool = False
+        # The turn stopped on tool_use having called only injected tools: the gateway goes on.
+        self._continues = False
+        self._stop_reason = ""
 
     # -- public API -------------------------------------------------------------------------
 
@@ -205,19 +217,25 @@ class MessagesStream:
     def tool_calls(self) -> list[ToolCall]:
         """Injected calls of the turn that just ended, when the gateway must run them.
 
-        Empty when the turn is final: no injected call, or a client tool was called too (then
-        the client must answer first; the injected calls of that turn are not run).
+        Empty when the turn is final: no injected call, a client tool was called too (then
+        the client must answer first), or the turn stopped on anything but ``tool_use`` (a call
+        cut off by ``max_tokens`` has half its arguments). Calls of a final turn are not run.
         """
-        if self._acc is None or self._turn_client_tool or not self.message_stopped:
+        if not self._continues or not self.message_stopped:
             return []
         return self._injected_calls()
 
     @property
     def skipped_calls(self) -> list[ToolCall]:
-        """Injected calls of a final turn that also called client tools (never run)."""
-        if self._acc is None or not self._turn_client_tool:
+        """Injected calls of a final turn (never run; ``skip_reason`` says why)."""
+        if self._acc is None or self._continues or not self.message_stopped:
             return []
         return self._injected_calls()
+
+    @property
+    def skip_reason(self) -> str:
+        """Why ``skipped_calls`` were not run."""
+        return not_run_reason(self._turn_client_tool, self._stop_reason)
 
     def _injected_calls(self) -> list[ToolCall]:
         assert self._acc is not None
@@ -242,6 +260,8 @@ class MessagesStream:
         self._index_map = {}
         self._turn_calls = []
         self._turn_client_tool = False
+        self._continues = False
+        self._stop_reason = ""
 
     # -- handlers ---------------------------------------------------------------------------
 
@@ -271,7 +291,11 @@ class MessagesStream:
         self._usage.update(event.get("usage"))
         if self._acc is None:
             return frame.raw
-        if self._turn_calls and not self._turn_client_tool:
+        delta = event.get("delta")
+        stop_reason = delta.get("stop_reason") if isinstance(delta, dict) else None
+        self._stop_reason = stop_reason if isinstance(stop_reason, str) else ""
+        if self._turn_calls and not self._turn_client_tool and stop_reason == "tool_use":
+            self._continues = True
             return b""  # the loop goes on: this turn's end stays hidden
         if self.turn == 0:
             return frame.raw
@@ -290,7 +314,7 @@ class MessagesStream:
                 self._totals = self._totals.plus(self._usage)
             self._usage = None
         self.message_stopped = True
-        if self._acc is not None and self._turn_calls and not self._turn_client_tool:
+        if self._continues:
             return b""
         self.stop_relayed = True
         return frame.raw

@@ -1,0 +1,42 @@
+"""The spool's reads, on a connection and a thread of their own.
+
+In WAL mode a reader never waits for the writer: ``StreamUsage``, ``GetStatus`` and ``AckUsage``
+keep answering while the writer thread is stuck in a write (a stalled or full disk).
+"""
+
+from __future__ import annotations
+
+import asyncio
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+from control.spool_file import SpooledRecord, SpoolFile
+
+
+class SpoolReader:
+    """Read-only queries on the spool file, one at a time on the reader thread."""
+
+    def __init__(self, path: Path, epoch: str) -> None:
+        self._file = SpoolFile.open_reader(path, epoch)
+        self._pool = ThreadPoolExecutor(1, thread_name_prefix="spool-reader")
+
+    async def select(self, after: int, limit: int) -> list[SpooledRecord]:
+        """Records with a sequence number above ``after``, oldest first."""
+        return await asyncio.get_running_loop().run_in_executor(
+            self._pool, self._file.select, after, limit
+        )
+
+    async def count_between(self, after: int, through: int) -> int:
+        """How many records the file holds with ``after < seq <= through``."""
+        return await asyncio.get_running_loop().run_in_executor(
+            self._pool, self._file.count_between, after, through
+        )
+
+    async def stats(self, acked: int) -> tuple[int, float | None]:
+        """``(records above acked, created_at of the oldest of them)``."""
+        return await asyncio.get_running_loop().run_in_executor(self._pool, self._file.stats, acked)
+
+    def close(self) -> None:
+        """Close the connection once a read still running (if any) is done."""
+        self._pool.submit(self._file.close)
+        self._pool.shutdown(wait=False)
