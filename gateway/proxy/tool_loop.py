@@ -18,7 +18,8 @@ import aiohttp
 import orjson
 
 from gateway.intercept.errors import anthropic_error_event, parse_error_body
-from gateway.intercept.messages.stream import MessagesStream, ToolCall
+from gateway.intercept.messages.stream import MessagesStream
+from gateway.intercept.messages.turn import ToolCall
 from gateway.ports import UsageSink
 from gateway.proxy.relay import Outcome
 from gateway.proxy.upstream_failure import UPSTREAM_ERRORS, UpstreamFailure

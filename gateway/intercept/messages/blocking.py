@@ -9,7 +9,7 @@ from typing import Any
 import orjson
 
 from gateway.intercept.messages.rewrite_id import replace_id
-from gateway.intercept.messages.stream import ToolCall, not_run_reason
+from gateway.intercept.messages.turn import ToolCall, not_run_reason
 from gateway.intercept.messages.usage import MessageUsage
 from gateway.records import ModelThought, PromptUsage, Record, ToolUsage
 

@@ -26,6 +26,7 @@ import orjson
 
 from gateway.intercept.messages.accumulate import TurnAccumulator
 from gateway.intercept.messages.rewrite_id import replace_id
+from gateway.intercept.messages.turn import StreamError, ToolCall, not_run_reason
 from gateway.intercept.messages.usage import MessageUsage
 from gateway.records import ModelThought, PromptUsage, Record, ToolUsage
 from gateway.sse import Frame, SSEFramer, encode
@@ -57,31 +58,6 @@ class _Block:
     initial_input: Any = None
     parts: list[str] = field(default_factory=list)
     hidden: bool = False
-
-
-@dataclass(slots=True)
-class StreamError:
-    """An error the upstream reported inside the stream (relayed to the client as it came)."""
-
-    type: str
-    message: str
-
-
-@dataclass(frozen=True, slots=True)
-class ToolCall:
-    """An injected tool the model called in a turn."""
-
-    tool_use_id: str
-    name: str
-    input: dict[str, Any]
-    msg_id: str
-
-
-def not_run_reason(client_tool: bool, stop_reason: str) -> str:
-    """Why the injected calls of a final turn were not run (their ``ToolUsage`` record says)."""
-    if client_tool:
-        return "not run: the same turn called client tools"
-    return f"not run: the turn stopped on {stop_reason or 'no stop_reason'}, not tool_use"
 
 
 class MessagesStream:

@@ -1,0 +1,31 @@
+"""What a Messages turn ended with, shared by the stream and blocking rewriters (pure)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+
+@dataclass(slots=True)
+class StreamError:
+    """An error the upstream reported inside the stream (relayed to the client as it came)."""
+
+    type: str
+    message: str
+
+
+@dataclass(frozen=True, slots=True)
+class ToolCall:
+    """An injected tool the model called in a turn."""
+
+    tool_use_id: str
+    name: str
+    input: dict[str, Any]
+    msg_id: str
+
+
+def not_run_reason(client_tool: bool, stop_reason: str) -> str:
+    """Why the injected calls of a final turn were not run (their ``ToolUsage`` record says)."""
+    if client_tool:
+        return "not run: the same turn called client tools"
+    return f"not run: the turn stopped on {stop_reason or 'no stop_reason'}, not tool_use"
