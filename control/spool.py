@@ -98,7 +98,8 @@ class Spool(SpoolWriter):
     @property
     def journal_path(self) -> Path:
         """The journal beside the database file."""
-        return self.path.with_name(self.path.name + ".journal")
+        real = self.path.resolve()  # one journal per file, however the path spells it
+        return real.with_name(real.name + ".journal")
 
     async def start(self) -> None:
         """Lock and open (or recover) the spool, replay the journal, start the writer thread.

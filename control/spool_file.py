@@ -44,6 +44,7 @@ CREATE TABLE IF NOT EXISTS records (
 )"""
 _SCHEMA = f"""{_RECORDS};
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS open_interceptions (id TEXT PRIMARY KEY);
 CREATE VIEW IF NOT EXISTS spooled_records AS
 SELECT r.seq + j.key AS seq,
        coalesce(r.record_id, (SELECT value FROM meta WHERE key = 'epoch') || ':' || (r.seq + j.key))
@@ -182,6 +183,7 @@ class SpoolFile:
                 "SELECT seq, count FROM records WHERE seq <= ?", (through,)
             ).fetchall()
             removed = sum(self._unacked(s, c) - self._unacked(s, c, through) for s, c in rows)
+            self._remember_open(through)
             self._db.execute(
                 "DELETE FROM records WHERE seq <= ?1 AND seq + count - 1 <= ?1", (through,)
             )
@@ -217,35 +219,45 @@ class SpoolFile:
         ).fetchone()
         return int(total)
 
+    def _remember_open(self, through: int) -> None:
+        """Before rows up to ``through`` are deleted, keep the ids of the interceptions they
+        start and do not end (``open_interceptions`` table), and forget those they end.
+
+        A host acknowledges a start within milliseconds while the stream lasts minutes: without
+        this, a crash would leave the host with starts whose interruption nobody records.
+        """
+        rows = self._db.execute(
+            "SELECT payload FROM records WHERE seq <= ?1 AND seq + count - 1 <= ?1 ORDER BY seq",
+            (through,),
+        )
+        opened: dict[str, None] = {}
+        ended: set[str] = set()
+        for (payload,) in rows:
+            _follow_interceptions(payload[1:-1].split(b",\n"), opened, ended)
+        if opened:
+            self._db.executemany(
+                "INSERT OR IGNORE INTO open_interceptions (id) VALUES (?)", [(i,) for i in opened]
+            )
+        if ended:
+            self._db.executemany(
+                "DELETE FROM open_interceptions WHERE id = ?", [(i,) for i in ended]
+            )
+
     def open_interceptions(self) -> list[str]:
-        """Ids of unacknowledged ``interception_started`` records with no end record after them.
+        """Ids of ``interception_started`` records with no end record after them: those of
+        deleted rows (``open_interceptions`` table) and those of the rows still in the file,
+        acknowledged or not.
 
         An interception's end is always spooled after its start, so one pass in sequence order
         keeps only the interceptions open at that point in memory. A record is decoded only
         when its line names one of the two kinds (most are usage records).
         """
-        open_: dict[str, None] = {}
-        rows = self._db.execute(
-            "SELECT seq, payload FROM records WHERE seq + count - 1 > ? ORDER BY seq",
-            (self._acked,),
+        open_: dict[str, None] = dict.fromkeys(
+            i for (i,) in self._db.execute("SELECT id FROM open_interceptions")
         )
-        for first, payload in rows:
-            lines = payload[1:-1].split(b",\n")
-            for line in lines[max(0, self._acked - first + 1) :]:
-                started = b'"interception_started"' in line
-                if not started and b'"interception_ended"' not in line:
-                    continue
-                try:
-                    record = orjson.loads(line)
-                    kind, iid = record["kind"], record["interception_id"]
-                except (orjson.JSONDecodeError, TypeError, KeyError):
-                    continue  # unreadable: StreamUsage reports it, nothing to close here
-                if not isinstance(iid, str):
-                    continue
-                if kind == "interception_started":
-                    open_[iid] = None
-                elif kind == "interception_ended":
-                    open_.pop(iid, None)
+        ended: set[str] = set()
+        for (payload,) in self._db.execute("SELECT payload FROM records ORDER BY seq"):
+            _follow_interceptions(payload[1:-1].split(b",\n"), open_, ended)
         return list(open_)
 
     def trim(self, now: float, max_age: float, max_records: int) -> tuple[int, int]:
@@ -279,7 +291,9 @@ def lock_spool(path: Path) -> int:
     overwrite the first one's journal.
     """
     path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-    lock = path.with_name(path.name + ".lock")
+    # Beside the file itself: two spellings of one file (a symlink) must take the same lock.
+    real = path.resolve()
+    lock = real.with_name(real.name + ".lock")
     fd = os.open(lock, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -316,6 +330,25 @@ def record_time(record: dict[str, Any]) -> float:
         if key in record:
             return float(record[key])
     return 0.0
+
+
+def _follow_interceptions(lines: list[bytes], opened: dict[str, None], ended: set[str]) -> None:
+    """Update ``opened`` (started, not yet ended) and ``ended`` (ended, start not in
+    ``opened``) with ``lines``, records in sequence order."""
+    for line in lines:
+        if b'"interception_started"' not in line and b'"interception_ended"' not in line:
+            continue
+        try:
+            record = orjson.loads(line)
+            kind, iid = record["kind"], record["interception_id"]
+        except (orjson.JSONDecodeError, TypeError, KeyError):
+            continue  # unreadable: StreamUsage reports it, nothing to close here
+        if not isinstance(iid, str):
+            continue
+        if kind == "interception_started":
+            opened[iid] = None
+        elif kind == "interception_ended" and opened.pop(iid, 0) is not None:
+            ended.add(iid)
 
 
 def _meta(db: sqlite3.Connection, key: str) -> str | None:

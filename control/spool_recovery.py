@@ -79,7 +79,7 @@ def replay_journal(
             continue
         try:
             created_at = record_time(orjson.loads(line))
-        except (orjson.JSONDecodeError, TypeError):
+        except (orjson.JSONDecodeError, TypeError, ValueError):
             log.error("usage journal holds an unreadable record: DROPPED", extra={"seq": seq})
             unreadable += 1
             continue

@@ -148,6 +148,8 @@ class SpoolWriter:
             if now >= next_bounds_check:
                 next_bounds_check = now + _BOUNDS_EVERY
                 try:
+                    # Acks that came in during the write first: they are not drops.
+                    self._apply_acks(file)
                     trimmed = file.trim(now, self._max_age, self._max_records)
                     self._post(self._trimmed, *trimmed)
                 except Exception:

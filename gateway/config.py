@@ -109,6 +109,9 @@ class Settings(BaseSettings):
     # client_keepalive_timeout idle between requests (above a load balancer's own idle timeout).
     client_header_timeout: float = Field(default=10.0, gt=0)
     client_body_timeout: float = Field(default=60.0, gt=0)
+    # A whole body, however steady its trickle: without it a byte a minute holds a connection
+    # (and a descriptor) for weeks.
+    client_body_total_timeout: float = Field(default=300.0, gt=0)
     client_keepalive_timeout: float = Field(default=75.0, gt=0)
     ping_interval: float = Field(default=10.0, gt=0)
     shutdown_grace: float = Field(default=30.0, ge=0)
@@ -229,6 +232,8 @@ def load_settings(config_file: Path | None = None, **overrides: Any) -> Settings
         raise ConfigError(f"invalid configuration: config file not found: {config_file}")
     _CONFIG_FILE["path"] = config_file
     try:
+        if config_file is not None:
+            _check_yaml_shape(config_file)
         return Settings(**overrides)
     except yaml.YAMLError as exc:
         raise ConfigError(f"invalid configuration: {_yaml_problem(config_file, exc)}") from None
@@ -252,6 +257,21 @@ def describe_invalid(exc: ValidationError) -> str:
         message = str(error["msg"]).removeprefix("Value error, ").replace("\n", " ")
         problems.append(f"{where.lstrip('.')}: {message}" if where else message)
     return "invalid configuration: " + "; ".join(problems)
+
+
+def _check_yaml_shape(path: Path) -> None:
+    """Refuse a file pydantic-settings would fail on with a traceback: not UTF-8, or a top
+    level that is not a mapping of settings (a list, a scalar)."""
+    try:
+        text = path.read_bytes().decode("utf-8")
+    except UnicodeDecodeError:
+        raise ConfigError(f"invalid configuration: {path}: not UTF-8 text") from None
+    loaded = yaml.safe_load(text)
+    if loaded is not None and not isinstance(loaded, dict):
+        raise ConfigError(
+            f"invalid configuration: {path}: the top level must be a mapping of settings,"
+            f" not a {type(loaded).__name__}"
+        )
 
 
 def _yaml_problem(path: Path | None, exc: yaml.YAMLError) -> str:

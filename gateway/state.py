@@ -142,9 +142,10 @@ def check_url(path: str, url: str) -> None:
 
 def check_header_value(path: str, value: str) -> None:
     """A value that goes into an HTTP header verbatim (never echoed: it may be a secret)."""
-    # A CR or LF would split the header (injection); aiohttp would only fail at request time.
-    if any(ch in "\r\n\x00" for ch in value):
-        raise InvalidField(path, "must not contain CR, LF or NUL")
+    # A CR or LF would split the header (injection); aiohttp refuses every control character
+    # but tab, and only at request time: every request would then fail.
+    if any((ch < " " and ch != "\t") or ch == "\x7f" for ch in value):
+        raise InvalidField(path, "must not contain control characters (CR, LF, NUL...)")
 
 
 def check_regex(path: str, pattern: str) -> None:
@@ -189,6 +190,12 @@ def check_api_keys(
             raise InvalidField(f"{at}.key_sha256", f"duplicate of {path}[{first[k.sha256]}]")
         if not k.actor.id:
             raise InvalidField(f"{at}.{actor_id_field}", "required")
+        # The actor goes upstream as X-AI-Bridge-Actor-* headers (send_actor_headers).
+        check_header_value(f"{at}.{actor_id_field}", k.actor.id)
+        for name, value in k.actor.metadata.items():
+            if not name or not set(name) <= _HEADER_NAME_CHARS:
+                raise InvalidField(f"{at}.metadata[{name!r}]", "invalid header name")
+            check_header_value(f"{at}.metadata[{name!r}]", value)
         first[k.sha256] = i
 
 

@@ -100,6 +100,7 @@ def build_app(
         small_model=re.compile(settings.small_model_pattern, re.IGNORECASE),
         max_tool_iterations=settings.mcp_max_iterations,
         body_timeout=settings.client_body_timeout,
+        body_total_timeout=settings.client_body_total_timeout,
     )
 
     app[OPEN_STREAMS] = services.relay.streams

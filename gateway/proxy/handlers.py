@@ -18,6 +18,7 @@ from gateway.intercept.errors import anthropic_error_body
 from gateway.intercept.messages.blocking import BlockingTurns
 from gateway.intercept.messages.request import MessagesRequest, RequestError, parse_request
 from gateway.intercept.messages.stream import MessagesStream
+from gateway.intercept.passthrough_paths import reencode_query
 from gateway.ports import UsageSink
 from gateway.proxy.relay import Interception, RelayOptions
 from gateway.proxy.request_body import BodyError, decode_body
@@ -53,6 +54,8 @@ class Services:
     max_tool_iterations: int = 10
     # Longest wait for the next piece of a request body (client_body_timeout).
     body_timeout: float = 60.0
+    # Longest time the whole body may take (client_body_total_timeout).
+    body_total_timeout: float = 300.0
     # The serving loop, set with the session (asking asyncio for it costs a syscall each time).
     loop_ref: list[asyncio.AbstractEventLoop] = field(default_factory=list)
 
@@ -187,14 +190,19 @@ async def read_body(services: Services, request: web.Request) -> bytes | web.Res
     content = request.content
     chunks: list[bytes] = []
     size = 0
+    deadline = 0.0
     while True:
         # What has arrived is taken without a timer: most bodies are whole by now.
         chunk = content.read_nowait()
         if not chunk:
             if content.is_eof():
                 break
+            loop = services.loop_ref[0]
+            if not deadline:
+                deadline = loop.time() + services.body_total_timeout
+            wait = min(services.body_timeout, deadline - loop.time())
             try:
-                async with asyncio.timeout(services.body_timeout):
+                async with asyncio.timeout(wait):
                     chunk = await content.readany()
             except TimeoutError:
                 return _body_timed_out(services, request)
@@ -205,11 +213,12 @@ async def read_body(services: Services, request: web.Request) -> bytes | web.Res
             return _too_large(limit)
         chunks.append(chunk)
     body = chunks[0] if len(chunks) == 1 else b"".join(chunks)
-    coding = request.headers.get("Content-Encoding")
-    if coding is None:
+    # Every Content-Encoding line (all are stripped upstream): two lines mean "gzip, zstd".
+    codings = request.headers.getall("Content-Encoding", ())
+    if not codings:
         return body
     try:
-        return decode_body(body, coding, limit)
+        return decode_body(body, ", ".join(codings), limit)
     except BodyError as exc:
         return anthropic_error(exc.status, exc.message, _BODY_ERROR_TYPES.get(exc.status))
 
@@ -227,7 +236,8 @@ def _body_timed_out(services: Services, request: web.Request) -> web.Response:
     abandon_body(request)
     response = anthropic_error(
         408,
-        f"request body not received: no data for {services.body_timeout:g} s",
+        f"request body not received in time (at most {services.body_timeout:g} s between reads,"
+        f" {services.body_total_timeout:g} s in all)",
         _BODY_ERROR_TYPES[408],
     )
     response.force_close()
@@ -284,7 +294,8 @@ async def messages(services: Services, request: web.Request) -> web.StreamRespon
             services.session_ref[0],
             services.relay,
             services.loop_ref[0],
-            provider.url("/v1/messages", request.query_string),
+            # Re-encoded like the passthrough's: a decoded query would lose "%23..." to a fragment.
+            provider.url("/v1/messages", reencode_query(request.rel_url.raw_query_string)),
             upstream_request_headers(
                 request_headers,
                 credential,

@@ -1,7 +1,8 @@
 """Relay one intercepted call: upstream request, stream or blocking response, records.
 
-This is the only place that turns upstream I/O failures into client responses, so every path
-ends the interception with exactly one ``InterceptionEnded`` record.
+Upstream failures mean what ``upstream_failure`` says; this module turns them into the client's
+response or in-stream error event, so every path ends the interception with exactly one
+``InterceptionEnded`` record.
 """
 
 from __future__ import annotations
@@ -148,10 +149,10 @@ class Interception:
         record_failure(failure, self.outcome, self.id)
         return failure
 
-    def unreachable(self, exc: BaseException) -> web.Response:
+    def unreachable(self, exc: BaseException, started: bool = False) -> web.Response:
         """The upstream call failed before a response could be relayed (no connection, a reset,
-        a redirect): 502 in Anthropic's shape, naming no address."""
-        failure = self.upstream_failed(exc)
+        a redirect; ``started``: its body broke): 502 in Anthropic's shape, naming no address."""
+        failure = self.upstream_failed(exc, started)
         return _json(failure.status, anthropic_error_body(failure.status, failure.client_message))
 
     async def upstream_error(self, resp: aiohttp.ClientResponse) -> web.Response:
@@ -177,7 +178,7 @@ class Interception:
                 try:
                     raw = await resp.read()
                 except UPSTREAM_ERRORS as exc:
-                    return self.unreachable(exc)
+                    return self.unreachable(exc, started=True)
                 self.outcome.upstream_status = resp.status
                 result = turns.feed(raw)
                 for record in result.records:

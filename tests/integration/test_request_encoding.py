@@ -118,6 +118,31 @@ async def test_compressed_body_reaches_provider_decoded(
     assert_no_errors_logged(caplog)
 
 
+async def test_encodings_on_two_header_lines_are_both_decoded(gateway: Gateway) -> None:
+    # Two Content-Encoding lines mean the same as one "gzip, zstd" line (RFC 9110 5.3).
+    gateway.upstream.enqueue(Reply.from_section(TEXT["non-streaming"]))
+    twice = zstd(gzip(BODY))
+    codings = [(b"content-encoding", b"gzip"), (b"content-encoding", b"zstd")]
+    response = await exchange(
+        gateway.daemon.port, request_bytes("POST", MESSAGES, [KEY, JSON, *codings], twice)
+    )
+    assert response.status == 200, response
+    (sent,) = gateway.upstream.requests
+    assert sent.body == BODY
+
+
+async def test_query_reaches_the_provider_as_the_client_encoded_it(gateway: Gateway) -> None:
+    gateway.upstream.enqueue(Reply.from_section(TEXT["non-streaming"]))
+    response = await exchange(
+        gateway.daemon.port,
+        request_bytes("POST", MESSAGES + "?beta=%23frag&x=a%2526b", [KEY, JSON], BODY),
+    )
+    assert response.status == 200, response
+    (sent,) = gateway.upstream.requests
+    # The fake provider decodes the query once, as any server does.
+    assert sent.query == "beta=#frag&x=a%26b"
+
+
 class CompressingTransport(httpx2.AsyncBaseTransport):
     """An httpx2 transport that sends every request body compressed, as Codex does with zstd."""
 

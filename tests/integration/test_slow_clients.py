@@ -203,6 +203,34 @@ async def test_body_sent_in_pieces_within_the_timeout_is_served(
     writer.close()
 
 
+async def test_body_trickled_past_the_total_timeout_gets_408(
+    make_gateway: GatewayFactory, caplog: pytest.LogCaptureFixture
+) -> None:
+    # Each piece comes within client_body_timeout, but a byte at a time would hold the
+    # connection for as long as the client likes without the total bound.
+    gw = await make_gateway(client_body_timeout=0.5, client_body_total_timeout=1.5)
+    reader, writer = await connect(gw)
+    writer.write(head("POST", "/anthropic/v1/messages", len(BODY)))
+
+    async def trickle() -> None:
+        for i in range(len(BODY)):
+            await asyncio.sleep(0.2)
+            writer.write(BODY[i : i + 1])
+
+    dripping = asyncio.create_task(trickle())
+    try:
+        elapsed, data = await closed_after(reader)
+    finally:
+        dripping.cancel()
+    response, _ = parse_response(data)
+    message = assert_anthropic_error(response, 408, "timeout_error")
+    assert "1.5 s in all" in message
+    assert 1.2 <= elapsed < 8
+    assert gw.upstream.requests == []
+    assert_no_errors_logged(caplog)
+    writer.close()
+
+
 async def test_long_stream_and_slow_provider_are_not_cut(make_gateway: GatewayFactory) -> None:
     gw = await make_gateway(
         client_header_timeout=0.3, client_body_timeout=0.3, client_keepalive_timeout=0.3

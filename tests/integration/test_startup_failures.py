@@ -49,11 +49,14 @@ def config(tmp_path: Path, **overrides: Any) -> dict[str, Any]:
 
 
 async def fail_to_start(
-    tmp_path: Path, settings: dict[str, Any] | str, env: dict[str, str] | None = None
+    tmp_path: Path, settings: dict[str, Any] | str | bytes, env: dict[str, str] | None = None
 ) -> str:
     """Run ``aibridged serve`` on this config; assert status 2 in time; its stderr."""
     path = tmp_path / "aibridged.yaml"
-    path.write_text(settings if isinstance(settings, str) else yaml.safe_dump(settings))
+    if isinstance(settings, bytes):
+        path.write_bytes(settings)
+    else:
+        path.write_text(settings if isinstance(settings, str) else yaml.safe_dump(settings))
     proc = await asyncio.create_subprocess_exec(
         AIBRIDGED,
         "serve",
@@ -103,6 +106,22 @@ async def test_yaml_syntax_error(tmp_path: Path) -> None:
     err = await fail_to_start(tmp_path, "listen: [\nproviders: {\n")
     assert err.startswith("aibridged: invalid configuration: ")
     assert "aibridged.yaml: not valid YAML at line " in err
+
+
+@pytest.mark.parametrize(
+    ("text", "shape"), [("- listen\n- spool_path\n", "list"), ("just words\n", "str")]
+)
+async def test_yaml_whose_top_level_is_not_a_mapping(tmp_path: Path, text: str, shape: str) -> None:
+    err = await fail_to_start(tmp_path, text)
+    assert err == (
+        f"aibridged: invalid configuration: {tmp_path / 'aibridged.yaml'}: the top level must be"
+        f" a mapping of settings, not a {shape}\n"
+    )
+
+
+async def test_yaml_file_that_is_not_utf8(tmp_path: Path) -> None:
+    err = await fail_to_start(tmp_path, b"listen: \xff\xfe\n")
+    assert err.endswith("aibridged.yaml: not UTF-8 text\n")
 
 
 async def test_bad_json_in_an_environment_variable(tmp_path: Path) -> None:

@@ -110,3 +110,33 @@ async def test_duplicate_mcp_server_ids_refused_alike(
     from_push = await push_error(stub.PutMcpServers(push, metadata=CONTROL_METADATA))
     assert from_yaml == "mcp_" + from_push == "mcp_servers[1].id: duplicate server id 'tools'"
     await assert_serves(gw)
+
+
+ACTOR_CASES = [
+    pytest.param({"actor_id": "u\r\nX-Evil: 1"}, "actor_id", "actor.id", id="actor-id-crlf"),
+    pytest.param({"metadata": {"a b": "v"}}, "metadata['a b']", "metadata['a b']", id="meta-name"),
+    pytest.param({"metadata": {"t": "x\x01y"}}, "metadata['t']", "metadata['t']", id="meta-ctl"),
+]
+
+
+@pytest.mark.parametrize(("change", "yaml_field", "push_field"), ACTOR_CASES)
+async def test_actor_fields_that_go_into_upstream_headers_are_refused_alike(
+    control: tuple[Gateway, ControlServiceStub],
+    change: dict[str, Any],
+    yaml_field: str,
+    push_field: str,
+) -> None:
+    """The actor becomes X-AI-Bridge-Actor-* headers: a value aiohttp refuses would fail every
+    request of that actor, so it is refused where the state comes in."""
+    gw, stub = control
+    key = {"key_sha256": "a" * 64, "actor_id": "u-1", **change}
+    from_yaml = yaml_error(api_keys=[key])
+    actor = pb.Actor(id=key["actor_id"], metadata=key.get("metadata", {}))
+    push = pb.PutApiKeysRequest(
+        config_version=1, api_keys=[pb.ApiKey(key_sha256="a" * 64, actor=actor)]
+    )
+    from_push = await push_error(stub.PutApiKeys(push, metadata=CONTROL_METADATA))
+    assert from_yaml.startswith(f"api_keys[0].{yaml_field}: ")
+    assert from_push.startswith(f"api_keys[0].{push_field}: ")
+    assert "X-Evil" not in from_yaml + from_push
+    await assert_serves(gw)

@@ -236,7 +236,7 @@ _MCP = {"id": "tools", "url": "http://127.0.0.1:9000/mcp"}
         ),
         (
             {"mcp_servers": [{**_MCP, "headers": {"X-Key": "v\r\nX-Evil: 1"}}]},
-            "mcp_servers[0].headers['X-Key']: must not contain CR, LF or NUL",
+            "mcp_servers[0].headers['X-Key']: must not contain control characters (CR, LF, NUL...)",
         ),
         (
             {"providers": [{"name": "Bad_Name", "type": "anthropic"}]},
@@ -266,7 +266,7 @@ _MCP = {"id": "tools", "url": "http://127.0.0.1:9000/mcp"}
         ),
         (
             {"providers": [{"name": "x", "type": "anthropic", "api_key": "k\r\nX: y"}]},
-            "providers[0].api_key: must not contain CR, LF or NUL",
+            "providers[0].api_key: must not contain control characters (CR, LF, NUL...)",
         ),
         (
             {"api_keys": [{"key_sha256": "xyz", "actor_id": "u-1"}]},
@@ -300,7 +300,7 @@ def test_central_key_from_env_is_stripped_and_checked() -> None:
     settings = load_settings(None, providers=[{"name": "x", "type": "anthropic"}])
     snapshot = Snapshot.from_settings(settings, environ={"ANTHROPIC_API_KEY": "sk-from-file\n"})
     assert snapshot.providers["x"].api_key == "sk-from-file"
-    with pytest.raises(ConfigError, match=r"providers\[0\]\.api_key: must not contain CR"):
+    with pytest.raises(ConfigError, match=r"providers\[0\]\.api_key: must not contain control"):
         Snapshot.from_settings(settings, environ={"ANTHROPIC_API_KEY": "sk\r\nX-Evil: 1"})
 
 
