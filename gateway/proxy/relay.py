@@ -20,6 +20,7 @@ from multidict import CIMultiDict
 from gateway.intercept.errors import anthropic_error_body, anthropic_error_event, parse_error_body
 from gateway.intercept.messages.blocking import BlockingTurns
 from gateway.intercept.messages.stream import MessagesStream
+from gateway.intercept.outcome import Outcome
 from gateway.ports import UsageSink
 from gateway.proxy.client_writer import CLIENT_GONE, ClientWriter, OnClientLeft, OpenStreams
 from gateway.proxy.upstream import auto_headers_to_skip, relayed_header_items
@@ -31,7 +32,7 @@ from gateway.proxy.upstream_failure import (
     record_failure,
     stream_broken,
 )
-from gateway.records import EndStatus, InterceptionEnded
+from gateway.records import InterceptionEnded
 from gateway.sse import FrameTooLarge, SSEFramer
 
 if TYPE_CHECKING:
@@ -56,22 +57,6 @@ class RelayOptions:
     disconnect_drain_timeout: float
     # The streams being relayed, for the shutdown (``Daemon.stop``) to end them.
     streams: OpenStreams = field(default_factory=OpenStreams)
-
-
-@dataclass(slots=True)
-class Outcome:
-    """How the interception ended, for the end record."""
-
-    status: EndStatus = "completed"
-    error_type: str = ""
-    error_message: str = ""
-    upstream_status: int = 0
-
-    def fail(self, error_type: str, message: str) -> None:
-        """Mark the interception failed (first failure wins)."""
-        if self.status == "completed":
-            self.status = "failed"
-            self.error_type, self.error_message = error_type, message
 
 
 class Interception:

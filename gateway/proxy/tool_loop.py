@@ -20,8 +20,8 @@ import orjson
 from gateway.intercept.errors import anthropic_error_event, parse_error_body
 from gateway.intercept.messages.stream import MessagesStream
 from gateway.intercept.messages.turn import ToolCall
+from gateway.intercept.outcome import Outcome
 from gateway.ports import UsageSink
-from gateway.proxy.relay import Outcome
 from gateway.proxy.upstream_failure import UPSTREAM_ERRORS, UpstreamFailure
 from gateway.records import ToolUsage
 from gateway.sse import encode

@@ -11,10 +11,11 @@ from __future__ import annotations
 import asyncio
 import logging
 from dataclasses import dataclass
-from typing import Protocol
 
 import aiohttp
 from yarl import URL
+
+from gateway.intercept.outcome import Outcome
 
 log = logging.getLogger("aibridged.upstream")
 
@@ -123,16 +124,6 @@ def call_failed(exc: BaseException, url: str = "") -> UpstreamFailure:
     if isinstance(exc, UpstreamRedirect):
         return redirected(exc.status)
     return unreachable(exc, url)
-
-
-class Outcome(Protocol):
-    """The part of an interception's outcome a failure is recorded on."""
-
-    upstream_status: int
-
-    def fail(self, error_type: str, message: str) -> None:
-        """Mark the interception failed (first failure wins)."""
-        ...
 
 
 def record_failure(failure: UpstreamFailure, outcome: Outcome, interception_id: str) -> None:

@@ -23,7 +23,7 @@ import time
 from collections.abc import Iterator
 from contextlib import AsyncExitStack, contextmanager, suppress
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 from prometheus_client import Counter
 
@@ -38,7 +38,6 @@ if TYPE_CHECKING:
     from mcp import Client
     from mcp.client.session import IncomingMessage
 
-    from gateway.tools.mcp_pool import McpPool
 
 LOG = logging.getLogger(__name__)
 
@@ -106,14 +105,40 @@ def broken(exc: BaseException) -> bool:
     return not isinstance(exc, TimeoutError)
 
 
+@dataclass(frozen=True, slots=True)
+class McpTimeouts:
+    """The pool's timing a connection follows (seconds)."""
+
+    connect: float
+    call: float
+    list_ttl: float
+    idle_ttl: float
+    max_backoff: float
+
+
+class ConnectionOwner(Protocol):
+    """What a connection tells the pool that owns it (``McpPool``)."""
+
+    def retire(self, conn: McpConnection, drain: float) -> None:
+        """Stop handing out ``conn``; it stops after ``drain`` seconds of in-flight calls."""
+        ...
+
+    def owner_exited(self, conn: McpConnection) -> None:
+        """``conn``'s owner task has ended."""
+        ...
+
+
 class McpConnection:
     """One MCP session for one (server, token), owned by its own task."""
 
-    def __init__(self, pool: McpPool, server: McpServer, token: str) -> None:
+    def __init__(
+        self, owner: ConnectionOwner, timeouts: McpTimeouts, server: McpServer, token: str
+    ) -> None:
         self.server = server
         self._token = token
         self.key = (server.id, hashlib.sha256(token.encode()).hexdigest() if token else "")
-        self._pool = pool
+        self._owner = owner
+        self._timeouts = timeouts
         self._client: Client | None = None
         self._task: asyncio.Task[None] | None = None
         self._ready = asyncio.Event()
@@ -216,18 +241,18 @@ class McpConnection:
         from mcp.client.streamable_http import streamable_http_client
         from mcp_types import Implementation
 
-        pool, sid = self._pool, self.server.id
+        timeouts, sid = self._timeouts, self.server.id
         connected = False
         try:
             async with AsyncExitStack() as stack:
-                async with asyncio.timeout(pool.connect_timeout):
-                    read = max(300.0, pool.call_timeout + 5.0)  # SSE responses may stay silent
+                async with asyncio.timeout(timeouts.connect):
+                    read = max(300.0, timeouts.call + 5.0)  # SSE responses may stay silent
                     # The headers carry the actor's token: a redirect (even one the SDK would
                     # follow, within the origin) would hand it to another endpoint.
                     http = await stack.enter_async_context(
                         httpx2.AsyncClient(
                             headers=self._headers(),
-                            timeout=httpx2.Timeout(pool.connect_timeout, read=read),
+                            timeout=httpx2.Timeout(timeouts.connect, read=read),
                             follow_redirects=False,
                             event_hooks={"response": [self._refuse_redirect]},
                         )
@@ -235,7 +260,7 @@ class McpConnection:
                     client = await stack.enter_async_context(
                         Client(
                             streamable_http_client(self.server.url, http_client=http),
-                            read_timeout_seconds=pool.connect_timeout,  # per call_tool overridden
+                            read_timeout_seconds=timeouts.connect,  # per call_tool overridden
                             message_handler=self._on_message,
                             client_info=Implementation(name="aibridged", version=__version__),
                             cache=None,  # the pool keeps its own TTL'd listing
@@ -260,7 +285,7 @@ class McpConnection:
                 LOG.info("MCP server %s: connection lost: %s", sid, self.last_error)
             else:
                 self.failures += 1
-                ceiling = min(pool.max_backoff, _BASE_BACKOFF * 2 ** (self.failures - 1))
+                ceiling = min(timeouts.max_backoff, _BASE_BACKOFF * 2 ** (self.failures - 1))
                 delay = ceiling / 2 + random.uniform(0, ceiling / 2)
                 self.down_until = time.monotonic() + delay
                 LOG.info(
@@ -272,7 +297,7 @@ class McpConnection:
         finally:
             self._client = None
             self._ready.set()
-            pool._owner_exited(self)
+            self._owner.owner_exited(self)
 
     async def _refuse_redirect(self, response: httpx2.Response) -> None:
         """Fail a request the server answered with a redirect, before anything follows it."""
@@ -301,7 +326,7 @@ class McpConnection:
 
     async def _serve(self) -> None:
         """Wait for a stop request or idleness, then for in-flight requests (bounded)."""
-        ttl = self._pool.idle_ttl
+        ttl = self._timeouts.idle_ttl
         while not self._stop.is_set():
             remaining = self.last_used + ttl - time.monotonic()
             if remaining <= 0 and self.inflight == 0:
@@ -349,7 +374,7 @@ class McpConnection:
                 LOG.debug("MCP server %s: listen stream: %s", self.server.id, self.describe(exc))
             self.invalidate()
             await asyncio.sleep(delay)
-            delay = min(delay * 2, self._pool.max_backoff)
+            delay = min(delay * 2, self._timeouts.max_backoff)
 
     async def tools(self, budget: float) -> list[McpToolInfo]:
         """The server's tools, from the cache while fresh, else listed (all pages)."""
@@ -365,11 +390,11 @@ class McpConnection:
                     listed = await self._list_all(client)
                 except Exception as exc:
                     if broken(exc):
-                        self._pool._retire(self, 0.0)
+                        self._owner.retire(self, 0.0)
                     raise
             if generation == self._generation:
                 self._tools = listed
-                self._tools_expiry = time.monotonic() + self._pool.list_ttl
+                self._tools_expiry = time.monotonic() + self._timeouts.list_ttl
             return listed
 
     async def _list_all(self, client: Client) -> list[McpToolInfo]:

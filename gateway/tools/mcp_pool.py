@@ -24,6 +24,7 @@ from gateway.tools.mcp_connection import (
     McpCallError,
     McpCallResult,
     McpConnection,
+    McpTimeouts,
     McpToolInfo,
     broken,
 )
@@ -49,6 +50,13 @@ class McpPool:
         self.list_ttl = list_ttl
         self.max_backoff = max_backoff
         self.idle_ttl = idle_ttl
+        self._timeouts = McpTimeouts(
+            connect=self.connect_timeout,
+            call=call_timeout,
+            list_ttl=list_ttl,
+            idle_ttl=idle_ttl,
+            max_backoff=max_backoff,
+        )
         self._servers: Mapping[str, McpServer] = {}
         self._tokens: Mapping[tuple[str, str], McpToken] = {}
         self._conns: dict[tuple[str, str], McpConnection] = {}
@@ -78,7 +86,7 @@ class McpPool:
                 or dict(new.headers) != dict(conn.server.headers)
                 or (key[1] and key not in live)
             ):
-                self._retire(conn, self.call_timeout)
+                self.retire(conn, self.call_timeout)
             else:
                 conn.server = new
 
@@ -95,10 +103,11 @@ class McpPool:
         key = (server.id, hashlib.sha256(token.encode()).hexdigest() if token else "")
         conn = self._conns.get(key)
         if conn is None or conn.retired:
-            conn = self._conns[key] = McpConnection(self, server, token)
+            conn = self._conns[key] = McpConnection(self, self._timeouts, server, token)
         return conn
 
-    def _retire(self, conn: McpConnection, drain: float) -> None:
+    def retire(self, conn: McpConnection, drain: float) -> None:
+        """Stop handing out ``conn``; it stops after ``drain`` seconds of in-flight calls."""
         if self._conns.get(conn.key) is conn:
             del self._conns[conn.key]
         conn.stop(drain)
@@ -107,7 +116,8 @@ class McpPool:
             self._closing.add(task)
             task.add_done_callback(self._closing.discard)
 
-    def _owner_exited(self, conn: McpConnection) -> None:
+    def owner_exited(self, conn: McpConnection) -> None:
+        """Forget ``conn`` once its owner task ended, if it was retired."""
         if conn.retired and self._conns.get(conn.key) is conn:
             del self._conns[conn.key]
 
@@ -172,7 +182,7 @@ class McpPool:
                 ) from exc
             except Exception as exc:
                 if broken(exc):
-                    self._retire(conn, 0.0)
+                    self.retire(conn, 0.0)
                 raise McpCallError(
                     f"MCP tool {tool!r} on server {server_id!r} failed: {conn.describe(exc)}"
                 ) from exc
@@ -186,7 +196,7 @@ class McpPool:
         """Stop every connection and wait for the owner tasks (cancelled after a grace)."""
         self._closed = True
         for conn in list(self._conns.values()):
-            self._retire(conn, 0.0)
+            self.retire(conn, 0.0)
         tasks = set(self._closing)
         if not tasks:
             return
