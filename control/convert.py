@@ -204,6 +204,7 @@ def _token_usage(p: Mapping[str, Any]) -> control_pb2.TokenUsage:
         cache_write_input_tokens=_int(p, "cache_write"),
         cache_write_5m_input_tokens=_int(p, "cache_write_5m"),
         cache_write_1h_input_tokens=_int(p, "cache_write_1h"),
+        reasoning_output_tokens=_int(p, "reasoning"),
         extra={str(k): int(v) for k, v in extra.items() if isinstance(v, int | float)},
     )
 
@@ -280,9 +281,11 @@ def deliverable(rec: SpooledRecord) -> tuple[control_pb2.UsageRecord, str, str]:
     quoting the payload (it holds prompts).
     """
     if not isinstance(rec.kind, str) or not rec.kind:
-        reason, detail = "malformed", "no kind"
+        reason, detail = "malformed", _unread(rec) if rec.raw else "no kind"
     elif rec.kind not in KINDS:
         reason, detail = "unknown_kind", f"unknown kind {rec.kind[:64]!r}"
+    elif rec.raw:
+        reason, detail = "malformed", _unread(rec)
     else:
         try:
             return record_to_proto(rec), "", ""
@@ -293,17 +296,35 @@ def deliverable(rec: SpooledRecord) -> tuple[control_pb2.UsageRecord, str, str]:
     return _unknown(rec, reason), reason, detail
 
 
+def _unread(rec: SpooledRecord) -> str:
+    """What the spool could not read of a record whose bytes it kept (``rec.raw``)."""
+    if not rec.payload:
+        return "not a JSON object"
+    if not rec.kind:
+        return "no kind"
+    if "interception_id" not in rec.payload:
+        return "no interception_id"
+    if not isinstance(rec.payload["interception_id"], str):
+        return "interception_id not text"
+    return "bad time stamp"
+
+
 def _unknown(rec: SpooledRecord, reason: str) -> control_pb2.UsageRecord:
     out = control_pb2.UsageRecord(
         seq=rec.seq, record_id=_text(rec.record_id), interception_id=_text(rec.interception_id)
     )
-    # Left unset when the time stamp is itself what is malformed.
-    with contextlib.suppress(TypeError, ValueError, OverflowError):
-        out.created_at.CopyFrom(timestamp(rec.created_at))
-    try:
-        payload = orjson.dumps(rec.payload)
-    except (TypeError, orjson.JSONEncodeError):
-        payload = b""
+    # Left unset when the time stamp is missing or is itself what is malformed.
+    if rec.created_at:
+        with contextlib.suppress(TypeError, ValueError, OverflowError):
+            out.created_at.CopyFrom(timestamp(rec.created_at))
+    # The bytes as stored when the spool kept them (it could not read the record whole);
+    # otherwise the parsed line again, the same JSON.
+    payload = rec.raw
+    if not payload:
+        try:
+            payload = orjson.dumps(rec.payload)
+        except (TypeError, orjson.JSONEncodeError):
+            payload = b""
     out.unknown.CopyFrom(
         control_pb2.UnknownRecord(kind=_text(rec.kind), payload=payload, reason=reason)
     )

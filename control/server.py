@@ -43,8 +43,12 @@ class BearerTokenInterceptor(grpc.aio.ServerInterceptor):
 
     def __init__(self, token: str) -> None:
         self._expected = f"Bearer {token}".encode()
+        # One refusal, wrapped for each call shape (StreamUsage is the only streaming RPC).
         self._deny: grpc.RpcMethodHandler[Any, Any] = grpc.unary_unary_rpc_method_handler(
-            self._unauthenticated
+            _unauthenticated
+        )
+        self._deny_stream: grpc.RpcMethodHandler[Any, Any] = grpc.unary_stream_rpc_method_handler(
+            _unauthenticated
         )
 
     async def intercept_service(
@@ -64,19 +68,11 @@ class BearerTokenInterceptor(grpc.aio.ServerInterceptor):
         if hmac.compare_digest(presented, self._expected):
             return await continuation(handler_call_details)
         log.warning("control RPC refused: bad or missing bearer token", extra={"method": method})
-        if method.endswith("/StreamUsage"):
-            return grpc.unary_stream_rpc_method_handler(self._unauthenticated_stream)
-        return self._deny
+        return self._deny_stream if method.endswith("/StreamUsage") else self._deny
 
-    @staticmethod
-    async def _unauthenticated(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
-        await context.abort(grpc.StatusCode.UNAUTHENTICATED, "invalid or missing control token")
 
-    @staticmethod
-    async def _unauthenticated_stream(
-        request: Any, context: grpc.aio.ServicerContext[Any, Any]
-    ) -> Any:
-        await context.abort(grpc.StatusCode.UNAUTHENTICATED, "invalid or missing control token")
+async def _unauthenticated(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
+    await context.abort(grpc.StatusCode.UNAUTHENTICATED, "invalid or missing control token")
 
 
 @dataclass(frozen=True)
@@ -144,9 +140,16 @@ def check_bindable(address: str) -> None:
     between is still caught, less prettily, by ControlServer).
     """
     if address.startswith("unix:"):
-        parent = Path(address.removeprefix("unix:").removeprefix("//")).parent
-        if not parent.is_dir():
-            raise ConfigError(f"control_listen: cannot listen on {address}: no directory {parent}")
+        path = Path(address.removeprefix("unix:").removeprefix("//"))
+        if not path.parent.is_dir():
+            raise ConfigError(
+                f"control_listen: cannot listen on {address}: no directory {path.parent}"
+            )
+        # gRPC replaces a socket left by an earlier run, but nothing else.
+        if path.exists() and not path.is_socket():
+            raise ConfigError(
+                f"control_listen: cannot listen on {address}: {path} exists and is not a socket"
+            )
         return
     host, port = host_port(address)
     try:

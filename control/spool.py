@@ -29,13 +29,13 @@ import orjson
 
 from control.journal import Journal
 from control.record_json import sanitised_json
-from control.spool_file import SpooledRecord, lock_spool
-from control.spool_reader import SpoolReader
+from control.spool_file import SpooledRecord
+from control.spool_lock import lock_spool
+from control.spool_reader import SpoolReader, SpoolReads
 from control.spool_recovery import interrupted, recover, report_unwritten
 from control.spool_writer import SpoolWriter
 from gateway.metrics import (
     SPOOL_HIGH_WATERMARK,
-    SPOOL_RECORDS,
     SPOOL_WRITE_PROBLEMS,
     USAGE_RECORDS_DROPPED,
 )
@@ -46,7 +46,7 @@ __all__ = ["Spool", "SpooledRecord"]
 log = logging.getLogger("aibridged.spool")
 
 
-class Spool(SpoolWriter):
+class Spool(SpoolWriter, SpoolReads):
     """Durable, batched record store implementing the data plane's ``UsageSink``."""
 
     def __init__(
@@ -130,14 +130,19 @@ class Spool(SpoolWriter):
         self._thread = threading.Thread(target=self._writer, name="spool-writer", daemon=True)
         self._running = True
         self._thread.start()
-        if got.left_open:
-            for record in interrupted(got.left_open):
-                self.submit(record)
-            await self.persist()
-            log.warning(
-                "interceptions the last run left open are ended as interrupted",
-                extra={"interceptions": len(got.left_open)},
-            )
+        try:
+            if got.left_open:
+                for record in interrupted(got.left_open):
+                    self.submit(record)
+                await self.persist()
+                log.warning(
+                    "interceptions the last run left open are ended as interrupted",
+                    extra={"interceptions": len(got.left_open)},
+                )
+        except BaseException:
+            # The caller gets no spool to close: stop the writer and release the lock here.
+            await self.close()
+            raise
 
     def submit(self, record: Record) -> None:
         """Queue one record for the next batch; never blocks, never raises."""
@@ -274,10 +279,6 @@ class Spool(SpoolWriter):
             os.close(self._lock)
             self._lock = None
 
-    async def read_after(self, seq: int, limit: int = 500) -> list[SpooledRecord]:
-        """Unacknowledged records with a sequence number above ``seq``, oldest first."""
-        return await self._reads().select(max(seq, self.acked_through), limit)
-
     async def ack(self, through_seq: int) -> int:
         """Acknowledge records up to ``through_seq``; returns how many that acknowledged.
 
@@ -301,12 +302,6 @@ class Spool(SpoolWriter):
                 self._wake()
         return removed
 
-    async def stats(self) -> tuple[int, float | None]:
-        """``(records in the spool, created_at of the oldest)``."""
-        depth, oldest = await self._reads().stats(self.acked_through)
-        SPOOL_RECORDS.set(depth)
-        return depth, oldest
-
     @property
     def written(self) -> asyncio.Event:
         """Set when the next batch is committed (a fresh event after each batch)."""
@@ -328,11 +323,6 @@ class Spool(SpoolWriter):
         return self._submitted - self._written
 
     # -- loop side ----------------------------------------------------------------------------
-
-    def _reads(self) -> SpoolReader:
-        if self._reader is None:
-            raise RuntimeError("spool is not open")
-        return self._reader
 
     def _committed(self, count: int, high: int) -> None:
         if self.degraded:

@@ -8,13 +8,12 @@ far more than per byte, and one row per batch cut the writer thread's time per r
 The ``spooled_records`` view shows one row per record for operators.
 
 The files hold prompts: the database, its WAL and shared-memory files, the journal and the lock
-are the owner's only (0600), tightened at start when an earlier version left them wider. One
-daemon per spool: an advisory lock on ``<spool_path>.lock`` is held while the spool is open.
+are the owner's only (0600), tightened at start when an earlier version left them wider (one
+daemon per spool: ``control.spool_lock``).
 """
 
 from __future__ import annotations
 
-import fcntl
 import logging
 import os
 import sqlite3
@@ -25,8 +24,6 @@ from pathlib import Path
 from typing import Any
 
 import orjson
-
-from gateway.config import ConfigError
 
 log = logging.getLogger("aibridged.spool")
 
@@ -57,6 +54,8 @@ WHERE r.seq + j.key
     > coalesce((SELECT CAST(value AS INTEGER) FROM meta WHERE key = 'acked_through'), 0);
 """
 
+# What every SQLite database file starts with (an empty file is a new database).
+_HEADER = b"SQLite format 3\x00"
 _INSERT = "INSERT INTO records (seq, count, created_at, payload) VALUES "
 _INSERTS: dict[int, str] = {}
 # Records per row at most: a reader paging with a small limit parses a whole row.
@@ -67,7 +66,12 @@ Run = tuple[int, float, list[bytes]]
 
 @dataclass(frozen=True, slots=True)
 class SpooledRecord:
-    """A record as stored: sequence number, stable id, kind and its JSON payload."""
+    """A record as stored: sequence number, stable id, kind and its JSON payload.
+
+    ``raw`` is the line as stored, kept only when the record could not be read whole (not a
+    JSON object, or no text kind, interception id or readable time stamp): the host then gets
+    those bytes. The fields that could be read are kept, the others are "" and 0.0.
+    """
 
     seq: int
     record_id: str
@@ -75,6 +79,7 @@ class SpooledRecord:
     interception_id: str
     created_at: float
     payload: dict[str, Any]
+    raw: bytes = b""
 
 
 class SpoolFile:
@@ -91,7 +96,14 @@ class SpoolFile:
         """Open (create or recover) the file: ``(file, epoch, high watermark, acked through)``."""
         # Created 0600 before SQLite opens it: SQLite gives the WAL and shared-memory files it
         # creates the database file's permissions.
-        os.close(os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600))
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        try:
+            header = os.read(fd, len(_HEADER))
+        finally:
+            os.close(fd)
+        # Some other file: refused as SQLite would, before its permissions are touched.
+        if header and header != _HEADER:
+            raise sqlite3.DatabaseError("file is not a database")
         for name in ("", "-wal", "-shm"):
             owner_only(path.with_name(path.name + name))
         # Opened on a helper thread, then used only by the writer thread (never concurrently).
@@ -140,36 +152,31 @@ class SpoolFile:
         self._seq = max(self._seq, first + len(records) - 1)
         return self._seq
 
-    def select(self, after: int, limit: int) -> list[SpooledRecord]:
-        """Records with a sequence number above ``after``, oldest first.
+    def select(self, after: int, limit: int, through: int) -> list[SpooledRecord]:
+        """Records with ``after < seq <= through``, oldest first.
 
         ``after`` is at least the acknowledged sequence number (acknowledged records may still
-        be in the file: the writer deletes them when it gets to it).
+        be in the file: the writer deletes them when it gets to it). ``through`` is the high
+        watermark the caller reports with them: this connection may see a commit before the
+        event loop hears of it.
         """
         # From the row holding ``after`` (it may hold later records too), or the next one.
         cur = self._db.execute(
             "SELECT seq, payload, record_id FROM records WHERE seq >= coalesce("
-            "(SELECT MAX(seq) FROM records WHERE seq <= ?1), ?1 + 1) ORDER BY seq LIMIT ?2",
-            (after, limit + 1),  # + 1: the first row may hold nothing above ``after``
+            "(SELECT MAX(seq) FROM records WHERE seq <= ?1), ?1 + 1) AND seq <= ?3"
+            " ORDER BY seq LIMIT ?2",
+            (after, limit + 1, through),  # + 1: the first row may hold nothing above ``after``
         )
         out: list[SpooledRecord] = []
         for first, payload, legacy_id in cur:  # rows fetched one by one: they can be large
             lines = payload[1:-1].split(b",\n")
             skip = max(0, after - first + 1)
-            for i in range(skip, min(len(lines), skip + limit - len(out))):
+            end = min(len(lines), through - first + 1, skip + limit - len(out))
+            for i in range(skip, end):
                 n = first + i
-                record_id = legacy_id or f"{self._epoch}:{n}"
-                try:
-                    record = orjson.loads(lines[i])
-                    kind, interception_id = record["kind"], record["interception_id"]
-                    at = record_time(record)
-                except (orjson.JSONDecodeError, KeyError, TypeError, ValueError):
-                    # A corrupt line is still delivered (as a record of no known kind): raising
-                    # here would stop every reader at this line on every reconnect.
-                    record, kind, interception_id, at = {}, "", "", 0.0
-                out.append(SpooledRecord(n, record_id, kind, interception_id, at, record))
-                if len(out) == limit:
-                    return out
+                out.append(_spooled(n, legacy_id or f"{self._epoch}:{n}", lines[i]))
+            if len(out) == limit:
+                break
         return out
 
     def delete(self, through_seq: int) -> int:
@@ -284,32 +291,6 @@ class SpoolFile:
         return by_count, by_age
 
 
-def lock_spool(path: Path) -> int:
-    """Take the spool's advisory lock (``<spool_path>.lock``); the descriptor holds it.
-
-    ConfigError when another process holds it: a second daemon on the same spool would
-    overwrite the first one's journal.
-    """
-    path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-    # Beside the file itself: two spellings of one file (a symlink) must take the same lock.
-    real = path.resolve()
-    lock = real.with_name(real.name + ".lock")
-    fd = os.open(lock, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        os.close(fd)
-        raise ConfigError(
-            f"spool_path {path}: in use by another aibridged process (it holds {lock.name});"
-            " give each daemon its own spool_path"
-        ) from None
-    except BaseException:
-        os.close(fd)
-        raise
-    owner_only(lock)
-    return fd
-
-
 def owner_only(path: Path) -> None:
     """Take group and other permissions away from ``path`` if it exists and has any."""
     try:
@@ -322,6 +303,27 @@ def owner_only(path: Path) -> None:
             "spool file was readable by others: permissions tightened to its owner",
             extra={"file": str(path), "mode": f"{mode:o}", "now": f"{mode & 0o700:o}"},
         )
+
+
+def _spooled(seq: int, record_id: str, line: bytes) -> SpooledRecord:
+    """The record a stored line holds, read leniently: a corrupt line is still delivered (as
+    what could be read of it, and its bytes), since raising here would stop every reader at
+    this line on every reconnect."""
+    try:
+        record = orjson.loads(line)
+    except orjson.JSONDecodeError:
+        record = None
+    if not isinstance(record, dict):
+        return SpooledRecord(seq, record_id, "", "", 0.0, {}, line)
+    kind, iid = record.get("kind"), record.get("interception_id")
+    try:
+        at: float | None = record_time(record)
+    except (TypeError, ValueError, OverflowError):
+        at = None
+    if isinstance(kind, str) and isinstance(iid, str) and at is not None:
+        return SpooledRecord(seq, record_id, kind, iid, at, record)
+    kind, iid = (v if isinstance(v, str) else "" for v in (kind, iid))
+    return SpooledRecord(seq, record_id, kind, iid, at or 0.0, record, line)
 
 
 def record_time(record: dict[str, Any]) -> float:

@@ -28,7 +28,7 @@ from gateway.config import ConfigError, Settings, host_port
 from gateway.proxy.app import Readiness, build_app
 from gateway.proxy.client_writer import OPEN_STREAMS
 from gateway.proxy.metrics_app import build_metrics_app
-from gateway.proxy.server_timeouts import DataPlaneRunner
+from gateway.proxy.server_timeouts import DataPlaneRunner, TimedRunner
 from gateway.state import Snapshot, StateHolder, unset_key_envs
 from gateway.tools.mcp_pool import McpPool
 
@@ -122,9 +122,8 @@ class Daemon:
             control = None
             if token is not None:
                 control = await cls._start_control(
-                    settings, token, tls, state, spool, readiness, stop_streams, mcp_pool
+                    settings, token, tls, state, spool, readiness, stop_streams, mcp_pool, started
                 )
-                started.push_async_callback(control.stop, 0)
             daemon = await cls._start_listeners(
                 settings, state, spool, readiness, control, stop_streams, mcp_pool, started
             )
@@ -152,7 +151,13 @@ class Daemon:
         """The metrics listener, then the data plane; their clean-up goes on ``started``."""
         metrics_runner, metrics_port = None, 0
         if settings.metrics_enabled:
-            metrics_runner = web.AppRunner(build_metrics_app(), access_log=None)
+            # GET only: its handler reads no body, so only the head and idle time need bounds.
+            metrics_runner = TimedRunner(
+                build_metrics_app(),
+                header_timeout=settings.client_header_timeout,
+                keepalive_timeout=settings.client_keepalive_timeout,
+                access_log=None,
+            )
             await metrics_runner.setup()
             started.push_async_callback(metrics_runner.cleanup)
             metrics_port = await _start_site(
@@ -199,7 +204,10 @@ class Daemon:
         readiness: Readiness,
         stop_streams: asyncio.Event,
         mcp_pool: McpPool,
+        started: contextlib.AsyncExitStack,
     ) -> ControlServer:
+        """Build and start the control plane; its clean-up goes on ``started`` before it starts,
+        so a start that fails half-way (after the gRPC server started) still stops it."""
         holder: list[ControlServer] = []
         pending: set[asyncio.Task[None]] = set()
 
@@ -216,6 +224,7 @@ class Daemon:
 
         servicer = ControlServicer(state, spool, stop_streams, on_change, time.time(), ready)
         control = ControlServer(servicer, token, settings.control_listen, tls, ready)
+        started.push_async_callback(control.stop, 0)
         holder.append(control)
         await control.start(readiness.ready)
         return control

@@ -16,6 +16,7 @@ __all__ = [
     "client_session_id",
     "detect_client",
     "extract_bearer",
+    "header_value",
     "is_utf8",
     "mask_secret",
     "sha256_hex",
@@ -123,7 +124,7 @@ def extract_bearer(value: str | None) -> str:
     return fields[1]
 
 
-def _header(headers: Mapping[str, str], name: str) -> str | None:
+def header_value(headers: Mapping[str, str], name: str) -> str | None:
     """Case-insensitive lookup of ``name`` (lower case) without copying the headers.
 
     aiohttp's CIMultiDict is already case-insensitive (and its ``get`` returns the first of
@@ -168,15 +169,15 @@ def detect_client(headers: Mapping[str, str]) -> str:
     Header names are looked up case-insensitively. User-Agent prefixes are checked first,
     then the Originator header, then Cursor's version header.
     """
-    user_agent = _header(headers, "user-agent")
+    user_agent = header_value(headers, "user-agent")
     if user_agent:
         client = _client_from_user_agent(user_agent)
         if client:
             return client
-    originator = _ORIGINATORS.get(_header(headers, "originator") or "")
+    originator = _ORIGINATORS.get(header_value(headers, "originator") or "")
     if originator is not None:
         return originator
-    if _clean(_header(headers, "x-cursor-client-version")) is not None:
+    if _clean(header_value(headers, "x-cursor-client-version")) is not None:
         return "Cursor"
     return "Unknown"
 
@@ -204,7 +205,7 @@ def client_session_id(
     values yield ``None``. Never raises on malformed headers or bodies.
     """
     if client == "Claude Code":
-        from_header = _clean(_header(headers, _CLAUDE_SESSION_HEADER))
+        from_header = _clean(header_value(headers, _CLAUDE_SESSION_HEADER))
         if from_header is not None:
             return from_header
         metadata = body.get("metadata") if body is not None else None
@@ -213,4 +214,4 @@ def client_session_id(
     header = _SESSION_HEADERS.get(client)
     if header is None:
         return None
-    return _clean(_header(headers, header))
+    return _clean(header_value(headers, header))

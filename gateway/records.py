@@ -1,10 +1,10 @@
 """Usage records: what the gateway tells the host about each interception (pure data).
 
-One interception (one client request on an intercepted route) yields, in this order:
-``InterceptionStarted``, then per upstream message a ``TokenUsage``, the ``PromptUsage`` of the
-last user prompt, a ``ToolUsage`` per tool call, a ``ModelThought`` per thinking block, and
-finally ``InterceptionEnded`` whatever the outcome. Every record carries the interception id, so a
-consumer can group them whatever order they arrive in.
+One interception (one client request on an intercepted route) yields ``InterceptionStarted``
+first and ``InterceptionEnded`` last, whatever the outcome; between them the ``PromptUsage`` of the
+last user prompt (once) and, per upstream message, a ``TokenUsage``, a ``ToolUsage`` per tool call
+and a ``ModelThought`` per thinking block, in the order the response produced them. Every record
+carries the interception id, so a consumer can group them whatever order they arrive in.
 """
 
 from __future__ import annotations
@@ -77,12 +77,35 @@ class InterceptionEnded:
 
 @dataclass
 class TokenUsage:
-    """Token usage of one upstream message (final, cumulative values; never summed twice)."""
+    """Token usage of one upstream message (final, cumulative values; never summed twice).
+
+    Normalised once, by each dialect's ``usage`` module, so that records of every dialect add
+    up the same way (the whole prompt is ``input + cache_read + cache_write``, the whole
+    completion ``output``):
+
+    - ``input``: prompt tokens neither read from nor written to the prompt cache. Anthropic's
+      ``input_tokens`` as is; OpenAI's ``prompt_tokens`` / ``input_tokens`` minus their
+      ``cached_tokens``, which OpenAI counts inside them.
+    - ``cache_read``: prompt tokens read from the cache (Anthropic
+      ``cache_read_input_tokens``, OpenAI ``cached_tokens``).
+    - ``cache_write``: prompt tokens written to the cache (Anthropic
+      ``cache_creation_input_tokens``; OpenAI reports none). ``cache_write_5m`` and
+      ``cache_write_1h`` split it by time to live when the provider says (they sum to
+      ``cache_write`` then, else both are 0).
+    - ``output``: every generated token, reasoning included (Anthropic ``output_tokens``, which
+      counts thinking; OpenAI ``completion_tokens`` / ``output_tokens``).
+    - ``reasoning``: the part of ``output`` spent on reasoning, when the provider reports it
+      apart (OpenAI ``reasoning_tokens``); 0 otherwise, Anthropic included. Never added to
+      ``output`` again.
+    - ``extra``: other counters, by the provider's name (``web_search_requests``).
+    """
 
     interception_id: str
     msg_id: str
     input: int = 0
     output: int = 0
+    # Keyword-only: positional construction keeps its order of fields.
+    reasoning: int = field(default=0, kw_only=True)
     cache_read: int = 0
     cache_write: int = 0
     cache_write_5m: int = 0

@@ -11,25 +11,16 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 
+from gateway.identity import header_value
+
 RETRYABLE_STATUSES = frozenset({408, 409, 429, 500, 502, 503, 504, 529})
 INITIAL_DELAY = 0.5
 MAX_DELAY = 8.0
 
 
-def _header(headers: Mapping[str, str], name: str) -> str | None:
-    """``headers[name]`` for a lower-case ``name``, however the mapping spells it."""
-    value = headers.get(name)  # a case-insensitive mapping (aiohttp's) answers here
-    if value is not None:
-        return value
-    for key, found in headers.items():
-        if key.lower() == name:
-            return found
-    return None
-
-
 def should_retry(status: int, headers: Mapping[str, str]) -> bool:
     """Whether an upstream response with ``status`` may be retried."""
-    hint = (_header(headers, "x-should-retry") or "").strip().lower()
+    hint = (header_value(headers, "x-should-retry") or "").strip().lower()
     if hint == "true":
         return True
     if hint == "false":
@@ -40,7 +31,7 @@ def should_retry(status: int, headers: Mapping[str, str]) -> bool:
 def retry_delay(attempt: int, headers: Mapping[str, str], jitter: float) -> float:
     """Seconds to wait before retry number ``attempt + 1``; ``jitter`` is uniform in [0, 1)."""
     for name, scale in (("retry-after-ms", 0.001), ("retry-after", 1.0)):
-        value = _header(headers, name)
+        value = header_value(headers, name)
         if value is None:
             continue
         try:

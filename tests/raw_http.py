@@ -28,6 +28,19 @@ def request_bytes(
     return head + b"\r\n" + body
 
 
+def chunked_head(target: str, headers: list[Header]) -> bytes:
+    """The head of a ``POST`` to ``target`` whose body follows in chunks (see :func:`chunk`)."""
+    head = f"POST {target} HTTP/1.1\r\nHost: gw\r\nTransfer-Encoding: chunked\r\n".encode()
+    for name, value in headers:
+        head += name + b": " + value + b"\r\n"
+    return head + b"\r\n"
+
+
+def chunk(data: bytes) -> bytes:
+    """``data`` as one chunk of a chunked body (empty: the last chunk, which ends the body)."""
+    return b"%x\r\n%s\r\n" % (len(data), data)
+
+
 @dataclass
 class RawResponse:
     """One response as read off the socket (chunked bodies de-chunked)."""

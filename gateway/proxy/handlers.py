@@ -11,19 +11,23 @@ from dataclasses import dataclass, field
 import aiohttp
 import orjson
 from aiohttp import web
+from aiohttp.http_exceptions import HttpProcessingError
 
 from gateway.auth import Authenticated, authenticate
 from gateway.identity import client_session_id, detect_client
 from gateway.intercept.errors import anthropic_error_body
+from gateway.intercept.loop import AgenticLoop
 from gateway.intercept.messages.blocking import BlockingTurns
 from gateway.intercept.messages.request import MessagesRequest, RequestError, parse_request
 from gateway.intercept.messages.stream import MessagesStream
+from gateway.intercept.messages.tools import continuation
 from gateway.intercept.passthrough_paths import reencode_query
 from gateway.ports import UsageSink
+from gateway.proxy.loop_runner import LoopRunner
 from gateway.proxy.relay import Interception, RelayOptions
 from gateway.proxy.request_body import BodyError, decode_body
-from gateway.proxy.server_timeouts import abandon_body
-from gateway.proxy.tool_loop import StreamContinuation, ToolLoop
+from gateway.proxy.server_timeouts import MALFORMED_BODY, abandon_body, malformed_request_text
+from gateway.proxy.tool_loop import ToolLoop
 from gateway.proxy.upstream import upstream_request_headers
 from gateway.proxy.upstream_failure import UPSTREAM_ERRORS
 from gateway.records import InterceptionStarted, new_interception_id
@@ -84,7 +88,6 @@ async def _tool_loop(
         auth.actor.id,
         interception_id,
         services.sink,
-        services.max_tool_iterations,
     )
     if loop is None or not loop.inject(parsed.parsed):
         return None
@@ -159,11 +162,6 @@ def provider_shaped(handler: Handler) -> Handler:
     return shaped
 
 
-def resolve_provider(services: Services, request: web.Request) -> Provider | web.Response:
-    """The provider named by the route prefix, or a 404 (503 before the host's first push)."""
-    return _provider_in(services.state.current, request)
-
-
 def _provider_in(snapshot: Snapshot, request: web.Request) -> Provider | web.Response:
     if not snapshot.configured:
         return anthropic_error(
@@ -180,9 +178,10 @@ async def read_body(services: Services, request: web.Request) -> bytes | web.Res
     """The request body, decoded as its ``Content-Encoding`` says; else the error to answer.
 
     413 past ``max_body_bytes`` (as sent, or once decoded), 400 for a body that is not valid in
-    its encoding, 415 for an encoding the gateway does not decode, 408 when the client leaves
-    more than ``client_body_timeout`` between two reads. The server does not decompress (the
-    runner turns it off): decoding here bounds the decoded size as it goes.
+    its encoding or breaks HTTP's framing (a bad chunk), 415 for an encoding the gateway does not
+    decode, 408 when the client leaves more than ``client_body_timeout`` between two reads. The
+    server does not decompress (the runner turns it off): decoding here bounds the decoded size
+    as it goes.
     """
     limit = services.max_body_bytes
     if request.content_length is not None and request.content_length > limit:
@@ -191,27 +190,30 @@ async def read_body(services: Services, request: web.Request) -> bytes | web.Res
     chunks: list[bytes] = []
     size = 0
     deadline = 0.0
-    while True:
-        # What has arrived is taken without a timer: most bodies are whole by now.
-        chunk = content.read_nowait()
-        if not chunk:
-            if content.is_eof():
-                break
-            loop = services.loop_ref[0]
-            if not deadline:
-                deadline = loop.time() + services.body_total_timeout
-            wait = min(services.body_timeout, deadline - loop.time())
-            try:
-                async with asyncio.timeout(wait):
-                    chunk = await content.readany()
-            except TimeoutError:
-                return _body_timed_out(services, request)
+    try:
+        while True:
+            # What has arrived is taken without a timer: most bodies are whole by now.
+            chunk = content.read_nowait()
             if not chunk:
-                break
-        size += len(chunk)
-        if size > limit:
-            return _too_large(limit)
-        chunks.append(chunk)
+                if content.is_eof():
+                    break
+                loop = services.loop_ref[0]
+                if not deadline:
+                    deadline = loop.time() + services.body_total_timeout
+                wait = min(services.body_timeout, deadline - loop.time())
+                try:
+                    async with asyncio.timeout(wait):
+                        chunk = await content.readany()
+                except TimeoutError:
+                    return _body_timed_out(services, request)
+                if not chunk:
+                    break
+            size += len(chunk)
+            if size > limit:
+                return _too_large(limit)
+            chunks.append(chunk)
+    except MALFORMED_BODY as exc:
+        return _body_malformed(request, exc)
     body = chunks[0] if len(chunks) == 1 else b"".join(chunks)
     # Every Content-Encoding line (all are stripped upstream): two lines mean "gzip, zstd".
     codings = request.headers.getall("Content-Encoding", ())
@@ -240,6 +242,16 @@ def _body_timed_out(services: Services, request: web.Request) -> web.Response:
         f" {services.body_total_timeout:g} s in all)",
         _BODY_ERROR_TYPES[408],
     )
+    response.force_close()
+    return response
+
+
+def _body_malformed(request: web.Request, exc: Exception) -> web.Response:
+    # Nothing after a broken chunk can be framed: answer, then close without reading on.
+    detail = exc.message if isinstance(exc, HttpProcessingError) else str(exc)
+    log.debug("malformed request body: %s", detail.partition("\n")[0][:200])
+    abandon_body(request)
+    response = anthropic_error(400, malformed_request_text(detail), "invalid_request_error")
     response.force_close()
     return response
 
@@ -305,13 +317,18 @@ async def messages(services: Services, request: web.Request) -> web.StreamRespon
             provider.max_retries,
         )
         try:
-            loop = (
+            tools = (
                 await _tool_loop(services, snapshot, auth, parsed, interception_id)
                 if services.mcp_pool is not None and snapshot.mcp_servers
                 else None
             )
-            body = orjson.dumps(parsed.parsed) if loop is not None else parsed.body
-            injected = loop.is_injected if loop is not None else None
+            runner: LoopRunner | None = None
+            if tools is None:
+                body, injected = parsed.body, None
+            else:
+                body, injected = orjson.dumps(parsed.parsed), tools.is_injected
+                driver = AgenticLoop(parsed.parsed, services.max_tool_iterations, continuation)
+                runner = LoopRunner(driver, tools, icpt)
             response: web.StreamResponse
             try:
                 resp = await icpt.post_again(body)
@@ -323,15 +340,10 @@ async def messages(services: Services, request: web.Request) -> web.StreamRespon
                         response = await icpt.upstream_error(resp)
                     elif parsed.stream and resp.content_type == "text/event-stream":
                         rewriter = MessagesStream(interception_id, parsed.prompt, injected)
-                        more = (
-                            StreamContinuation(loop, parsed.parsed, icpt, icpt.outcome)
-                            if loop is not None
-                            else None
-                        )
-                        return await icpt.stream(request, resp, rewriter, more)
+                        return await icpt.stream(request, resp, rewriter, runner)
                     else:
                         turns = BlockingTurns(interception_id, parsed.prompt, injected)
-                        response = await icpt.blocking(resp, turns, loop, parsed.parsed)
+                        response = await icpt.blocking(resp, turns, runner)
             await icpt.complete()
             return response
         except asyncio.CancelledError:

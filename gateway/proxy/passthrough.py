@@ -15,9 +15,9 @@ from gateway.intercept.passthrough_paths import (
 )
 from gateway.proxy.handlers import (
     Services,
+    _provider_in,
     anthropic_error,
     read_body,
-    resolve_provider,
     route_not_found,
 )
 from gateway.proxy.upstream import (
@@ -54,7 +54,7 @@ def passthrough_routes() -> dict[str, list[str]]:
 
 async def passthrough(services: Services, request: web.Request) -> web.StreamResponse:
     """Relay one allow-listed request upstream with the provider credential injected."""
-    provider = resolve_provider(services, request)
+    provider = _provider_in(services.state.current, request)
     if isinstance(provider, web.Response):
         return provider
     # The raw path (never normalised, still percent-encoded): "/{provider}/v1/...".

@@ -2,27 +2,30 @@
 
 Upstream failures mean what ``upstream_failure`` says; this module turns them into the client's
 response or in-stream error event, so every path ends the interception with exactly one
-``InterceptionEnded`` record.
+``InterceptionEnded`` record. With injected tools it carries out, turn after turn, what the
+pure loop driver (``gateway.intercept.loop``) decides.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Callable, Coroutine
+from collections.abc import Coroutine
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import Any
 
 import aiohttp
 from aiohttp import web
 from multidict import CIMultiDict
 
 from gateway.intercept.errors import anthropic_error_body, anthropic_error_event, parse_error_body
+from gateway.intercept.loop import Finish, TurnEnded, UpstreamRefused
 from gateway.intercept.messages.blocking import BlockingTurns
-from gateway.intercept.messages.stream import MessagesStream
 from gateway.intercept.outcome import Outcome
+from gateway.intercept.rewriter import StreamRewriter
 from gateway.ports import UsageSink
 from gateway.proxy.client_writer import CLIENT_GONE, ClientWriter, OnClientLeft, OpenStreams
+from gateway.proxy.loop_runner import LoopRunner, client_present
 from gateway.proxy.upstream import auto_headers_to_skip, relayed_header_items
 from gateway.proxy.upstream_call import post
 from gateway.proxy.upstream_failure import (
@@ -33,10 +36,7 @@ from gateway.proxy.upstream_failure import (
     stream_broken,
 )
 from gateway.records import InterceptionEnded
-from gateway.sse import FrameTooLarge, SSEFramer
-
-if TYPE_CHECKING:
-    from gateway.proxy.tool_loop import ToolLoop
+from gateway.sse import FrameTooLarge, SSEFramer, encode
 
 log = logging.getLogger("aibridged.relay")
 
@@ -142,21 +142,26 @@ class Interception:
 
     async def upstream_error(self, resp: aiohttp.ClientResponse) -> web.Response:
         """Relay an upstream error response with its status and body."""
-        body = await resp.read()
+        return _refused_response(await self.refusal(resp))
+
+    async def refusal(self, resp: aiohttp.ClientResponse) -> UpstreamRefused:
+        """Read an upstream error response (released after) and record it; the answer."""
+        try:
+            body = await resp.read()
+        finally:
+            resp.release()
+        headers = tuple(relayed_header_items(resp.headers))
+        refused = UpstreamRefused(
+            resp.status, body, *parse_error_body(body), headers, resp.content_type
+        )
         self.outcome.upstream_status = resp.status
-        self.outcome.fail(*parse_error_body(body))
-        out = web.Response(status=resp.status, body=body, headers=_relayed(resp))
-        out.content_type = resp.content_type or "application/json"
-        return out
+        self.outcome.fail(refused.error_type, refused.message)
+        return refused
 
     async def blocking(
-        self,
-        resp: aiohttp.ClientResponse,
-        turns: BlockingTurns,
-        loop: ToolLoop | None = None,
-        body: dict[str, Any] | None = None,
+        self, resp: aiohttp.ClientResponse, turns: BlockingTurns, runner: LoopRunner | None = None
     ) -> web.Response:
-        """A JSON response: record it, run injected tools while the model calls them, answer."""
+        """A JSON response: record it, run injected tools while the loop goes on, answer."""
         first = resp
         try:
             while True:
@@ -176,25 +181,18 @@ class Interception:
                         extra={"interception_id": self.id, "content_type": resp.content_type},
                     )
                     return _json(502, anthropic_error_body(502, result.error))
-                if loop is not None:
-                    loop.record_skipped(result.skipped_calls, result.skip_reason)
-                if loop is None or body is None or not result.tool_calls:
+                if runner is None:
                     break
-                if turns.turns >= loop.max_iterations:
-                    self.outcome.fail("tool_loop_limit", loop.limit_message())
-                    return _json(502, anthropic_error_body(502, loop.limit_message()))
-                results = await loop.run(result.tool_calls)
-                assert result.assistant is not None
-                payload = loop.continuation(body, result.assistant, results)
+                following = await runner.advance(TurnEnded(result.turn), client_present)
+                if isinstance(following, Finish):
+                    if following.error_type:
+                        return _error_response(following)
+                    break
                 if resp is not first:
                     resp.release()
-                try:
-                    resp = await self.post_again(payload)
-                except UPSTREAM_ERRORS as exc:
-                    return self.unreachable(exc)
-                if resp.status >= 400:
-                    return await self.upstream_error(resp)
-            out = web.Response(status=resp.status, body=result.body, headers=_relayed(resp))
+                resp = following
+            headers = relayed_header_items(resp.headers)
+            out = web.Response(status=resp.status, body=result.body, headers=headers)
             out.content_type = resp.content_type or "application/json"
             return out
         finally:
@@ -205,8 +203,8 @@ class Interception:
         self,
         request: web.Request,
         resp: aiohttp.ClientResponse,
-        rewriter: MessagesStream,
-        continuation: Continuation | None = None,
+        rewriter: StreamRewriter,
+        runner: LoopRunner | None = None,
     ) -> web.StreamResponse:
         """Relay an SSE stream event by event, with keep-alive pings and disconnect handling."""
         self.outcome.upstream_status = resp.status
@@ -234,7 +232,7 @@ class Interception:
         task = asyncio.current_task(loop)
         assert task is not None
         streams.add(task)
-        # A failure after the final message_stop (``stop_relayed``) costs the client nothing:
+        # A failure after the terminal event (``stop_relayed``) costs the client nothing:
         # its message is whole, so the failure is not reported to it nor recorded.
         try:
             if not writer.gone:
@@ -242,15 +240,17 @@ class Interception:
             while True:
                 left.resp = current
                 await self._pump(current, SSEFramer(), rewriter, writer)
-                if continuation is None or writer.gone:
+                if runner is None:
                     break
                 # Pings keep the client's connection alive while injected tools run.
-                following = await continuation.next_response(rewriter, lambda: writer.gone)
-                if following is None:
+                following = await runner.advance(
+                    TurnEnded(rewriter.turn_result(), writer.gone), lambda: writer.gone
+                )
+                if isinstance(following, Finish):
+                    if following.error_type:
+                        ending = _error_event(following)
                     break
-                if isinstance(following, bytes):
-                    ending = following
-                    break
+                rewriter.next_turn()
                 if current is not resp:
                     current.release()
                 current = following
@@ -308,7 +308,7 @@ class Interception:
         self,
         resp: aiohttp.ClientResponse,
         framer: SSEFramer,
-        rewriter: MessagesStream,
+        rewriter: StreamRewriter,
         writer: ClientWriter,
     ) -> None:
         """Relay the stream, holding back its end in ``_held`` (see ``complete``).
@@ -327,29 +327,35 @@ class Interception:
                 for record in rewriter.take_records():
                     self.sink.submit(record)
                 if rewriter.stop_relayed or tail:
-                    # message_stop ends an Anthropic stream: it goes out with the end of the
-                    # body, once the interception's records are durable.
+                    # The terminal event (message_stop) goes out with the end of the body, once
+                    # the interception's records are durable.
                     tail += data
                 elif data:
                     await writer.write(data)
         finally:
-            # Kept when the upstream breaks after message_stop: the message is still whole.
+            # Kept when the upstream breaks after the terminal event: the response is whole.
             self._held = tail
-
-
-class Continuation(Protocol):
-    """Continues a stream whose turn ended in injected tool calls (see ``tool_loop``)."""
-
-    async def next_response(
-        self, rewriter: MessagesStream, client_gone: Callable[[], bool]
-    ) -> aiohttp.ClientResponse | bytes | None:
-        """The next upstream response; bytes (an error event) to end; None when final."""
-        ...
-
-
-def _relayed(resp: aiohttp.ClientResponse) -> list[tuple[str, str]]:
-    return relayed_header_items(resp.headers)
 
 
 def _json(status: int, body: bytes) -> web.Response:
     return web.Response(status=status, body=body, content_type="application/json")
+
+
+def _error_event(end: Finish) -> bytes:
+    """The event ending a stream whose loop failed: the provider's error body, else ours."""
+    refused = end.refused
+    return encode("error", refused.body) if refused else anthropic_error_event(end.message)
+
+
+def _error_response(end: Finish) -> web.Response:
+    """The answer of a blocking request whose loop failed: the provider's, else ours."""
+    if end.refused is not None:
+        return _refused_response(end.refused)
+    return _json(end.status, anthropic_error_body(end.status, end.message))
+
+
+def _refused_response(refused: UpstreamRefused) -> web.Response:
+    """The provider's error answer, relayed with its status, body and relayable headers."""
+    out = web.Response(status=refused.status, body=refused.body, headers=refused.headers)
+    out.content_type = refused.content_type or "application/json"
+    return out

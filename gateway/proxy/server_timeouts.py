@@ -10,7 +10,11 @@ timer):
 - between requests the connection may stay idle ``keepalive_timeout``, but once bytes of the next
   request arrive, its headers must be complete within ``header_timeout`` of them.
 
-The body timeout is applied where the body is read (``handlers.read_body``).
+The body timeout is applied where the body is read (``handlers.read_body``). A body that breaks
+HTTP's framing (a bad chunk) fails that read at once: aiohttp's parser would queue the error as the
+next request, leaving the handler to wait for the rest of a body that cannot come.
+
+The metrics listener gets the header and keep-alive timeouts too (``TimedRunner``).
 
 At the descriptor limit, uvloop (libuv) accepts and closes new connections without a word and
 asyncio logs a traceback every second; ``DescriptorWatch`` says it once, rate-limited.
@@ -26,13 +30,24 @@ import resource
 from typing import Any
 
 from aiohttp import web
-from aiohttp.web_protocol import RequestHandler
+from aiohttp.http_exceptions import HttpProcessingError
+from aiohttp.streams import StreamReader
+from aiohttp.web_protocol import RequestHandler, RequestPayloadError, _ErrInfo
 from aiohttp.web_request import BaseRequest
 from aiohttp.web_server import Server
 
 from gateway.intercept.errors import anthropic_error_body
 
 log = logging.getLogger("aibridged.server")
+
+# What reading a request body raises when the body breaks HTTP's framing (C parser, Python parser).
+MALFORMED_BODY = (HttpProcessingError, RequestPayloadError)
+
+
+def malformed_request_text(detail: str | None) -> str:
+    """The client's message for a request the HTTP parser refused (its first line of detail)."""
+    first = (detail or "").partition("\n")[0][:200]
+    return f"malformed HTTP request: {first}" if first else "malformed HTTP request"
 
 
 class TimedRequestHandler(RequestHandler):
@@ -43,11 +58,13 @@ class TimedRequestHandler(RequestHandler):
     headers: a deadline earlier than aiohttp's replaces it.
     """
 
-    __slots__ = ("_header_timeout",)
+    __slots__ = ("_body", "_header_timeout")
 
     def __init__(self, manager: Server, *, header_timeout: float, **kwargs: Any) -> None:
         super().__init__(manager, **kwargs)
         self._header_timeout = header_timeout
+        # The body of the latest request parsed, which is the one the parser is reading.
+        self._body: StreamReader | None = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         """Start serving; the first request's headers are due within the header timeout."""
@@ -58,12 +75,35 @@ class TimedRequestHandler(RequestHandler):
         """Parse ``data``; bytes of a request whose headers are still incomplete start its clock.
 
         A request that arrives whole (the usual case) completes the waiter here and costs one
-        check; only a partial request on a kept-alive connection moves the timer.
+        check; only a partial request on a kept-alive connection moves the timer. Then one test
+        more (for a packet that starts a request: a type check and a store, to know its body).
         """
         RequestHandler.data_received(self, data)
         waiter = self._waiter
         if waiter is not None and not waiter.done():
             self._headers_due(self._loop.time() + self._header_timeout)
+        messages = self._messages
+        if messages:
+            message, payload = messages[-1]
+            if type(message) is _ErrInfo:
+                self._body_failed(message)
+            else:
+                self._body = payload
+
+    def _body_failed(self, error: _ErrInfo) -> None:
+        # aiohttp's C parser queues an error found in a body as a request of its own: the body's
+        # reader would wait for more until client_body_timeout. Fail the body instead.
+        payload, self._body = self._body, None
+        if payload is None or payload.is_eof() or payload.exception() is not None:
+            return  # the error is in a request of its own, answered as such
+        # Nothing after the error can be read: no lingering read once the request is answered.
+        self._lingering_time = 0.0
+        if not self._request_in_progress and payload._waiter is not None:
+            # aiohttp's lingering read of a body its handler left unread (the handler answered
+            # already): end it quietly, as it would log an error raised into it.
+            payload.feed_eof()
+        else:
+            payload.set_exception(error.exc)
 
     def _headers_due(self, deadline: float) -> None:
         handle = self._keepalive_handle
@@ -100,8 +140,7 @@ class TimedRequestHandler(RequestHandler):
             text = "internal gateway error"
         else:
             log.debug("malformed request", exc_info=exc)
-            detail = (message or "").partition("\n")[0][:200]
-            text = f"malformed HTTP request: {detail}" if detail else "malformed HTTP request"
+            text = malformed_request_text(message)
         error_type = "invalid_request_error" if status < 500 else None
         response = web.Response(
             status=status,
@@ -147,8 +186,8 @@ class TimedServer(Server):
         )
 
 
-class DataPlaneRunner(web.AppRunner):
-    """``web.AppRunner`` with the client timeouts, and the descriptor watch while it runs."""
+class TimedRunner(web.AppRunner):
+    """``web.AppRunner`` with the header and keep-alive timeouts on its connections."""
 
     def __init__(
         self,
@@ -160,11 +199,18 @@ class DataPlaneRunner(web.AppRunner):
     ) -> None:
         super().__init__(app, keepalive_timeout=keepalive_timeout, **kwargs)
         self._header_timeout = header_timeout
-        self._watch: DescriptorWatch | None = None
 
     async def _make_server(self) -> Server:
         made = await super()._make_server()
         return TimedServer(made, self._header_timeout)
+
+
+class DataPlaneRunner(TimedRunner):
+    """:class:`TimedRunner` with the descriptor watch while it runs."""
+
+    def __init__(self, app: web.Application, **kwargs: Any) -> None:
+        super().__init__(app, **kwargs)
+        self._watch: DescriptorWatch | None = None
 
     async def setup(self) -> None:
         """Build the server and start watching descriptors."""

@@ -49,9 +49,6 @@ def stripped_headers(*extra: str) -> frozenset[str]:
     return _STRIP_REQUEST | {h.lower() for h in extra}
 
 
-# Hop-by-hop, cookie and credential names every strip set must hold: the gateway then adds its
-# own Accept-Encoding and provider auth header without looking for a client's copy.
-_ALWAYS_STRIPPED = frozenset({"accept-encoding", "authorization", "x-api-key"})
 _ACTOR_PREFIX = "x-ai-bridge-actor"
 
 # Whether a header name (as the client spelled it) is forwarded, per strip set. Clients send the
@@ -81,8 +78,12 @@ def upstream_request_headers(
     strip: frozenset[str] = _STRIP_REQUEST,
     actor: Actor | None = None,
 ) -> CIMultiDict[str]:
-    """Client headers minus ``strip`` (see ``stripped_headers``), hop-by-hop headers and every
-    client credential, plus exactly one provider auth header."""
+    """Client headers minus ``strip``, hop-by-hop headers and every client credential, plus
+    exactly one provider auth header.
+
+    ``strip`` comes from ``stripped_headers``: it holds Accept-Encoding and every credential
+    header, so the gateway adds its own without looking for a client's copy.
+    """
     connection = client_headers.get("connection")
     names: dict[str, bool] | None = None
     if connection:
@@ -105,12 +106,7 @@ def upstream_request_headers(
     # Identity keeps each streamed chunk relayable at once (no inflate window holding bytes).
     kept.append(("Accept-Encoding", "identity"))
     headers: CIMultiDict[str] = CIMultiDict(kept)
-    if strip >= _ALWAYS_STRIPPED:
-        # No client copy survived the strip: exactly one provider auth header.
-        headers.add(credential.header, credential.value)
-    else:
-        headers["Accept-Encoding"] = "identity"
-        headers[credential.header] = credential.value
+    headers.add(credential.header, credential.value)
     if actor is not None:
         headers["X-AI-Bridge-Actor-Id"] = actor.id
         for key, value in actor.metadata.items():
@@ -144,8 +140,9 @@ def relayed_response_headers(upstream: Mapping[str, str]) -> CIMultiDict[str]:
 
 
 # aiohttp adds a User-Agent, and a Content-Type for a body, that the client did not send unless
-# told to skip them. Telling it costs a header merge per request, so only requests that lack one
-# of them pass this (see ``auto_headers_to_skip``); the session sets no skip list of its own.
+# told to skip them. Telling it costs a header merge per request, so intercepted requests pass
+# this only when they lack one of them (``auto_headers_to_skip``); passthrough, off the hot
+# path, always does. The session sets no skip list of its own.
 SKIP_AUTO_HEADERS = ("User-Agent", "Content-Type")
 
 

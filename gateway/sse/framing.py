@@ -26,8 +26,8 @@ class Frame:
     __slots__ = ("_data", "_event", "raw")
 
     def __init__(self, raw: bytes, data: bytes | None = None) -> None:
-        # ``data``: the payload when the caller already knows it (``MessagesStream`` finds it
-        # with the frame); it must equal what the ``data`` property would return.
+        # ``data``: the payload when the caller already knows it (a region scan finds it with
+        # the frame); it must equal what the ``data`` property would return.
         self.raw = raw
         self._event: str | None = None
         self._data = data
@@ -81,11 +81,6 @@ class Frame:
         if raw.find(b"\r", 0, end) >= 0 or raw.find(b"\n", 7, start - 7) >= 0:
             return None
         return raw[start:end]
-
-    @property
-    def is_comment(self) -> bool:
-        """True when the frame holds only comment lines (``: keep-alive``)."""
-        return all(not line or line[:1] == b":" for line in self.raw.splitlines())
 
     def _parse(self) -> None:
         event = ""

@@ -33,8 +33,9 @@ def anthropic_tool(tool_id: str, ref: ToolRef) -> dict[str, Any]:
 
 
 def _rewritten_tool_choice(choice: Any) -> Any:
-    # Tool calls are run one at a time by the gateway's loop; a parallel batch mixing injected and
-    # client tools could not be answered in a single user turn, so parallel use is switched off.
+    # Parallel use is switched off: a turn calling injected and client tools together would be
+    # final (the client cannot answer the injected calls, nor the gateway the client's), its
+    # injected calls dropped unrun. (Several injected calls in one turn would run concurrently.)
     if choice is None:
         return {"type": "auto", "disable_parallel_tool_use": True}
     if not isinstance(choice, dict):

@@ -8,7 +8,9 @@ the bad bytes were. Either way nothing is logged at ERROR (anyone could flood th
 
 from __future__ import annotations
 
+import asyncio
 import json
+import time
 
 import pytest
 
@@ -18,7 +20,10 @@ from tests.conftest import FIXTURES, GATEWAY_KEY, Gateway, GatewayFactory, by_ki
 from tests.raw_http import (
     assert_anthropic_error,
     assert_no_errors_logged,
+    chunk,
+    chunked_head,
     exchange,
+    parse_response,
     request_bytes,
 )
 
@@ -208,3 +213,83 @@ async def test_request_the_server_cannot_parse_is_400_in_anthropic_shape(
     assert message.startswith("malformed HTTP request")
     assert gateway.upstream.requests == []
     assert_no_errors_logged(caplog)
+
+
+# A chunked body that goes bad once the handler is reading it: the parser's error must reach the
+# handler at once (a prompt 400), not after client_body_timeout as a 408.
+BAD_CHUNK = b"zz\r\nabc\r\n0\r\n\r\n"
+BAD_BODIES = {
+    "after-a-good-chunk": [chunk(BODY[:5]), BAD_CHUNK],
+    "first-chunk": [BAD_CHUNK],
+    "chunk-longer-than-its-size": [chunk(BODY[:5]), b"3\r\nabcdef\r\n"],
+}
+CHUNKED_TARGETS = ["/anthropic/v1/messages", "/anthropic/v1/messages/count_tokens"]
+# Far below the body timeout (30 s) and aiohttp's lingering read (10 s); far above a prompt answer.
+PROMPT = 6.0
+
+
+async def send_in_pieces(port: int, pieces: list[bytes]) -> tuple[float, bytes]:
+    """Write ``pieces`` a moment apart; seconds from the last one until the server closed, and
+    everything it sent."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    try:
+        for piece in pieces:
+            writer.write(piece)
+            await asyncio.sleep(0.2)  # the handler is waiting for more of the body by now
+        start = time.monotonic()
+        async with asyncio.timeout(PROMPT):
+            data = await reader.read()
+        return time.monotonic() - start, data
+    finally:
+        writer.close()
+
+
+@pytest.mark.parametrize("target", CHUNKED_TARGETS)
+@pytest.mark.parametrize("pieces", BAD_BODIES.values(), ids=BAD_BODIES.keys())
+async def test_chunked_body_going_bad_is_a_prompt_400(
+    make_gateway: GatewayFactory,
+    caplog: pytest.LogCaptureFixture,
+    target: str,
+    pieces: list[bytes],
+) -> None:
+    gw = await make_gateway(client_body_timeout=30)
+
+    _, data = await send_in_pieces(gw.daemon.port, [chunked_head(target, [KEY, JSON]), *pieces])
+
+    response, rest = parse_response(data)
+    message = assert_anthropic_error(response, 400, "invalid_request_error")
+    assert message.startswith("malformed HTTP request"), message
+    assert response.headers["connection"] == "close"
+    assert rest == b""
+    assert gw.upstream.requests == []
+    assert await gw.records() == []
+    assert_no_errors_logged(caplog)
+
+
+async def test_chunked_body_going_bad_after_an_early_answer_closes_promptly(
+    gateway: Gateway, caplog: pytest.LogCaptureFixture
+) -> None:
+    # Answered (401) before its body was read: aiohttp goes on reading the body for a while
+    # (lingering), and must neither log the bad chunk as an error nor wait for more.
+    head = chunked_head("/anthropic/v1/messages", [(b"x-api-key", b"gw-nobody"), JSON])
+
+    elapsed, data = await send_in_pieces(gateway.daemon.port, [head, chunk(BODY[:5]), BAD_CHUNK])
+
+    response, _ = parse_response(data)
+    assert_anthropic_error(response, 401, "authentication_error")
+    assert elapsed < PROMPT
+    assert gateway.upstream.requests == []
+    assert_no_errors_logged(caplog)
+
+
+async def test_chunked_body_sent_in_pieces_is_served(gateway: Gateway) -> None:
+    gateway.upstream.enqueue(Reply.from_section(TEXT["non-streaming"]))
+    head = chunked_head("/anthropic/v1/messages", [KEY, JSON, (b"connection", b"close")])
+    pieces = [chunk(BODY[i : i + 20]) for i in range(0, len(BODY), 20)]
+
+    _, data = await send_in_pieces(gateway.daemon.port, [head, *pieces, chunk(b"")])
+
+    response, _ = parse_response(data)
+    assert response.status == 200, response
+    assert response.json()["type"] == "message"
+    assert gateway.upstream.requests[0].body == BODY

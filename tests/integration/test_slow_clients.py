@@ -231,6 +231,29 @@ async def test_body_trickled_past_the_total_timeout_gets_408(
     writer.close()
 
 
+async def test_metrics_listener_cuts_half_sent_and_idle_connections(
+    make_gateway: GatewayFactory,
+) -> None:
+    gw = await make_gateway(client_header_timeout=0.5, client_keepalive_timeout=0.5)
+    port = gw.daemon.metrics_port
+    half_reader, half_writer = await asyncio.open_connection("127.0.0.1", port)
+    half_writer.write(b"GET /metrics HTTP/1.1\r\nHost: ")
+    idle_reader, idle_writer = await asyncio.open_connection("127.0.0.1", port)
+    idle_writer.write(b"GET /metrics HTTP/1.1\r\nHost: gw\r\n\r\n")
+
+    half_elapsed, half_data = await closed_after(half_reader)
+    _, idle_data = await closed_after(idle_reader)
+
+    assert half_data == b""
+    assert half_elapsed >= 0.4
+    response, rest = parse_response(idle_data)
+    assert response.status == 200
+    assert b"aibridged_" in response.body
+    assert rest == b""
+    half_writer.close()
+    idle_writer.close()
+
+
 async def test_long_stream_and_slow_provider_are_not_cut(make_gateway: GatewayFactory) -> None:
     gw = await make_gateway(
         client_header_timeout=0.3, client_body_timeout=0.3, client_keepalive_timeout=0.3

@@ -19,6 +19,7 @@ from typing import Any
 import pytest
 import yaml
 
+from control.server import ControlServer
 from gateway.config import ConfigError, load_settings
 from gateway.daemon import Daemon
 from tests.conftest import CONTROL_TOKEN, GatewayFactory, anthropic_provider
@@ -94,6 +95,23 @@ async def test_control_listen_port_in_use(tmp_path: Path, taken: int) -> None:
     err = await fail_to_start(tmp_path, settings)
     assert err.startswith(f"aibridged: control_listen: cannot listen on 127.0.0.1:{taken}: ")
     assert "in use" in err
+
+
+@pytest.mark.parametrize("what", ["directory", "file"])
+async def test_control_listen_path_that_is_not_a_socket(tmp_path: Path, what: str) -> None:
+    """gRPC would add a line of its own on stderr; the file is never removed for a socket."""
+    path = tmp_path / "control.sock"
+    if what == "directory":
+        path.mkdir()
+    else:
+        path.write_text("keep me\n")
+    settings = config(tmp_path, control_listen=f"unix:{path}", control_token=CONTROL_TOKEN)
+    err = await fail_to_start(tmp_path, settings)
+    assert err == (
+        f"aibridged: control_listen: cannot listen on unix:{path}: {path} exists and is not a"
+        " socket\n"
+    )
+    assert path.is_dir() if what == "directory" else path.read_text() == "keep me\n"
 
 
 async def test_metrics_listen_port_in_use(tmp_path: Path, taken: int) -> None:
@@ -192,6 +210,17 @@ async def test_spool_path_that_cannot_be_created(tmp_path: Path) -> None:
     assert err.startswith(f"aibridged: spool_path: cannot open {tmp_path / 'a-file' / 'spool.db'}")
 
 
+async def test_spool_path_that_is_not_a_database(tmp_path: Path) -> None:
+    """Not ours: it is neither tightened (with a warning line before the error) nor changed."""
+    spool = tmp_path / "notes.txt"
+    spool.write_text("not a database, but readable by all\n")
+    spool.chmod(0o644)
+    err = await fail_to_start(tmp_path, config(tmp_path, spool_path=str(spool)))
+    assert err == f"aibridged: spool_path: cannot open {spool}: file is not a database\n"
+    assert spool.read_text() == "not a database, but readable by all\n"
+    assert spool.stat().st_mode & 0o777 == 0o644
+
+
 @pytest.mark.parametrize("field", ["tool_allow_regex", "tool_deny_regex"])
 async def test_invalid_mcp_regex_in_yaml(tmp_path: Path, field: str) -> None:
     server = {"id": "tools", "url": "http://127.0.0.1:9/mcp", field: "[a-"}
@@ -226,6 +255,28 @@ async def test_failed_start_stops_what_it_started(
     # The same spool opens again at once (it was closed, not left to a finaliser).
     daemon = await Daemon.start(load_settings(None, **{**settings, "listen": "127.0.0.1:0"}))
     await daemon.stop()
+
+
+async def test_control_plane_failing_after_its_server_started_is_stopped(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    for name in ("AIBRIDGED_PROVIDERS", "ANTHROPIC_API_KEY"):
+        monkeypatch.delenv(name, raising=False)
+    control_port = free_port()
+    settings = config(
+        tmp_path, control_listen=f"127.0.0.1:{control_port}", control_token=CONTROL_TOKEN
+    )
+
+    async def broken(self: ControlServer, ready: bool) -> None:
+        raise RuntimeError("health service failed")  # once the gRPC server is serving
+
+    monkeypatch.setattr(ControlServer, "set_ready", broken)
+    writers_before = {t for t in threading.enumerate() if t.name == "spool-writer"}
+    with pytest.raises(RuntimeError, match="health service failed"):
+        await Daemon.start(load_settings(None, **settings))
+    assert {t for t in threading.enumerate() if t.name == "spool-writer"} <= writers_before
+    with socket.socket() as probe:  # the gRPC server let go of its port
+        probe.bind(("127.0.0.1", control_port))
 
 
 # -- a provider without its central key ---------------------------------------------------------

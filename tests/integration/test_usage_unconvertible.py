@@ -61,6 +61,26 @@ class ShapelessTokenUsage:
     created_at: float = field(default_factory=time.time)
 
 
+@dataclass
+class UnboundUsage:
+    """A record kind from a newer daemon that belongs to no interception (synthetic)."""
+
+    region: str
+    kind: str = "fleet_usage"
+    created_at: float = field(default_factory=time.time)
+
+
+@dataclass
+class BadTimePrompt:
+    """A ``prompt_usage`` whose time stamp is not a number (synthetic)."""
+
+    interception_id: str
+    prompt: str
+    created_at: str = "x"
+    kind: str = "prompt_usage"
+    msg_id: str = "msg_x"
+
+
 async def ask(gw: Gateway) -> None:
     """One blocking request through the data plane (4 records)."""
     gw.upstream.enqueue(Reply.from_section(TEXT["non-streaming"]))
@@ -175,6 +195,36 @@ async def test_a_corrupt_spool_row_is_delivered_opaque_and_the_stream_goes_on(
     kinds = [r.WhichOneof("record") for r in got]
     assert kinds.count("unknown") == 2  # both prompts: every row was damaged the same way
     assert got[1].unknown.reason == "malformed"
+    # The line as stored, not an empty object: the host can still see what it was.
+    damaged = orjson.dumps(spooled[1].payload).replace(b'"kind":"prompt_usage"', b'"kind":')
+    assert got[1].unknown.payload == damaged
+    assert got[-1].interception_ended.status == "completed"
+
+
+async def test_an_unreadable_envelope_keeps_the_kind_and_the_bytes_as_stored(
+    gw_stub: tuple[Gateway, Stub],
+) -> None:
+    """A newer kind without ``interception_id``, a time stamp that is not a number: the host
+    gets the kind and the record exactly as spooled, not an empty object of no kind."""
+    gw, stub = gw_stub
+    unbound, bad_time = UnboundUsage("eu-west"), BadTimePrompt("intc-bad-time", "hello")
+    gw.daemon.spool.submit(cast(Record, unbound))
+    gw.daemon.spool.submit(cast(Record, bad_time))
+    await ask(gw)
+    spooled = await gw.records()
+    assert len(spooled) == 6
+
+    got = await stream(stub, 6)
+    assert [r.seq for r in got] == [r.seq for r in spooled]
+    first, second = got[0], got[1]
+    assert (first.unknown.kind, first.unknown.reason) == ("fleet_usage", "unknown_kind")
+    assert first.unknown.payload == orjson.dumps(unbound)
+    assert first.interception_id == ""
+    assert first.created_at.ToMicroseconds() == round(unbound.created_at * 1e6)
+    assert (second.unknown.kind, second.unknown.reason) == ("prompt_usage", "malformed")
+    assert second.unknown.payload == orjson.dumps(bad_time)
+    assert second.interception_id == "intc-bad-time"
+    assert not second.HasField("created_at")  # no time known, rather than 1970
     assert got[-1].interception_ended.status == "completed"
 
 

@@ -438,12 +438,14 @@ def test_record_interception_ended() -> None:
 
 
 def test_record_token_usage() -> None:
-    record = TokenUsage("intc-1", "msg_1", 10, 20, 30, 40, 15, 25, {"web_search_requests": 2})
+    record = TokenUsage(
+        "intc-1", "msg_1", 10, 20, 30, 40, 15, 25, {"web_search_requests": 2}, reasoning=7
+    )
     out = record_to_proto(_spooled(record))
     _envelope(out, "token_usage")
     t = out.token_usage
     assert t.msg_id == "msg_1"
-    assert (t.input_tokens, t.output_tokens) == (10, 20)
+    assert (t.input_tokens, t.output_tokens, t.reasoning_output_tokens) == (10, 20, 7)
     assert (t.cache_read_input_tokens, t.cache_write_input_tokens) == (30, 40)
     assert (t.cache_write_5m_input_tokens, t.cache_write_1h_input_tokens) == (15, 25)
     assert dict(t.extra) == {"web_search_requests": 2}

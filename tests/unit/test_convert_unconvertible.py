@@ -5,6 +5,7 @@ Each payload here is synthetic: the shapes a newer daemon or a damaged row could
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import orjson
@@ -12,6 +13,7 @@ import pytest
 
 from control.convert import deliverable
 from control.spool import SpooledRecord
+from control.spool_file import SpoolFile
 
 CREATED = 1_700_000_000.25
 
@@ -68,3 +70,53 @@ def test_malformed_record_is_delivered_opaque(record: SpooledRecord, detail: str
     assert orjson.loads(out.unknown.payload) == record.payload
     assert out.seq == 9
     out.SerializeToString()  # a valid message the stream can send
+
+
+@pytest.mark.parametrize(
+    ("line", "kind", "detail"),
+    [
+        pytest.param(
+            b'{"kind":"token_usage","msg_id":"m","created_at":1.5}',
+            "token_usage",
+            "no interception_id",
+            id="no-interception-id",
+        ),
+        pytest.param(
+            b'{"kind":"token_usage","interception_id":7,"created_at":1.5}',
+            "token_usage",
+            "interception_id not text",
+            id="interception-id-number",
+        ),
+        pytest.param(
+            b'{"kind":"tool_usage","interception_id":"i","created_at":"x"}',
+            "tool_usage",
+            "bad time stamp",
+            id="time-not-a-number",
+        ),
+        pytest.param(
+            b'{"kind":"interception_ended","interception_id":"i","ended_at":[1]}',
+            "interception_ended",
+            "bad time stamp",
+            id="time-a-list",
+        ),
+        pytest.param(b'{"kind":3,"interception_id":"i"}', "", "no kind", id="kind-number"),
+        pytest.param(b"[1, 2]", "", "not a JSON object", id="json-array"),
+        pytest.param(b'{"kind":,"interception_id":"i"}', "", "not a JSON object", id="not-json"),
+    ],
+)
+def test_a_line_the_spool_cannot_read_whole_goes_out_as_stored(
+    tmp_path: Path, line: bytes, kind: str, detail: str
+) -> None:
+    """What could be read is kept (the kind), and the payload is the line as stored."""
+    file, *_ = SpoolFile.open(tmp_path / "spool.db")
+    try:
+        file.insert([(1, CREATED, [line])])
+        (rec,) = file.select(0, 10, 1)
+    finally:
+        file.close()
+    out, reason, got_detail = deliverable(rec)
+    assert (reason, got_detail) == ("malformed", detail)
+    assert (out.unknown.kind, out.unknown.reason) == (kind, "malformed")
+    assert out.unknown.payload == line
+    assert out.record_id == rec.record_id and out.seq == 1
+    out.SerializeToString()

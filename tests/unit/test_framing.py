@@ -1,4 +1,4 @@
-"""Unit tests for gateway.sse.framing: incremental SSE framing on bytes."""
+"""Unit tests for gateway.sse: incremental SSE framing and the region scan, on bytes."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from gateway.sse import Frame, FrameTooLarge, SSEFramer
+from gateway.sse import Frame, FrameTooLarge, RegionScanner, SSEFramer, named_events
 from gateway.testing import split_events
 from tests.conftest import recorded_sse_streams
 
@@ -101,7 +101,6 @@ def test_event_and_data_parsing() -> None:
     multi, plain, nospace = frames
     assert multi.event == "delta"
     assert multi.data == b"first\nsecond\n third\n"
-    assert not multi.is_comment
     assert plain.event == ""
     assert plain.data == b'{"a": 1}'
     assert nospace.event == "no-space"
@@ -123,7 +122,6 @@ def test_crlf_event_and_data() -> None:
 def test_comment_frame() -> None:
     (frame,) = SSEFramer().feed(b": keep-alive\n\n")
     assert frame.raw == b": keep-alive\n\n"
-    assert frame.is_comment
     assert frame.event == ""
     assert frame.data == b""
 
@@ -245,3 +243,64 @@ def test_feed_region_declines_carriage_returns_and_buffered_bytes() -> None:
     assert framer.feed_region(b"ng\ndata: {}\n\n") is None
     with pytest.raises(FrameTooLarge):
         SSEFramer(max_frame_bytes=16).feed_region(b"event: ping\n\n" + b"data: " + b"x" * 32)
+
+
+# -- region scan ------------------------------------------------------------------------------
+
+
+class _Tracker:
+    """A toy rewriter: ``start`` begins tracking, ``stop`` ends it and is rewritten."""
+
+    def __init__(self) -> None:
+        self.scan_all = False
+        self.seen: list[tuple[str, bytes]] = []
+
+    def feed(self, frame: Frame) -> bytes:
+        self.seen.append(("feed", frame.raw))
+        return frame.raw
+
+
+def _start(target: _Tracker, frame: Frame) -> bytes:
+    target.seen.append(("start", frame.data))
+    target.scan_all = True
+    return frame.raw
+
+
+def _stop(target: _Tracker, frame: Frame) -> bytes:
+    target.seen.append(("stop", frame.data))
+    target.scan_all = False
+    return b"event: stopped\n\n"
+
+
+_SCANNER = RegionScanner(
+    named_events(ignored=["ping"], tracked_only=["delta", "stop"]),
+    {b"start": _start, b"stop": _stop},
+)
+
+
+def test_region_scan_feeds_only_the_frames_the_rewriter_reads() -> None:
+    ping = b"event: ping\ndata: {}\n\n"
+    delta = b"event: delta\ndata: d\n\n"
+    region = b"".join(
+        [
+            delta,  # not tracking: passes unread
+            b"event: start\ndata: s\n\n",
+            ping,  # never read
+            delta,  # tracking, no handler: the rewriter's feed
+            b"event: stop\ndata: x\n\n",  # rewritten
+            delta,
+            b"data: unnamed\n\n",  # no event line: the rewriter's feed
+        ]
+    )
+    target = _Tracker()
+    out = _SCANNER.scan(target, region)
+    assert out == region.replace(b"event: stop\ndata: x\n\n", b"event: stopped\n\n")
+    assert target.seen == [
+        ("start", b"s"),
+        ("feed", delta),
+        ("stop", b"x"),
+        ("feed", b"data: unnamed\n\n"),
+    ]
+    # Nothing to read or rewrite: the region itself comes back.
+    quiet = ping + delta + ping
+    assert _SCANNER.scan(_Tracker(), quiet) is quiet

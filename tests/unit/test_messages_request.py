@@ -9,7 +9,7 @@ from typing import Any
 import orjson
 import pytest
 
-from gateway.intercept.messages.blocking import rewrite_blocking
+from gateway.intercept.messages.blocking import BlockingTurns
 from gateway.intercept.messages.request import (
     RequestError,
     correlating_tool_call_id,
@@ -281,7 +281,7 @@ def test_parse_request_fills_prompt_and_correlation() -> None:
     assert req.correlating_tool_call_id == "toolu_9"
 
 
-# -- rewrite_blocking -------------------------------------------------------------------------
+# -- blocking responses (one turn) -----------------------------------------------------------
 
 
 @pytest.mark.parametrize(
@@ -292,7 +292,7 @@ def test_rewrite_blocking_fixture(name: str, body: bytes, request_body: bytes) -
     msg_id = message["id"]
     prompt = parse_request(request_body).prompt
     assert prompt
-    result = rewrite_blocking(body, IID, prompt)
+    result = BlockingTurns(IID, prompt).feed(body)
 
     assert result.error == ""
     quoted = orjson.dumps(msg_id)
@@ -327,7 +327,7 @@ def test_rewrite_blocking_fixture(name: str, body: bytes, request_body: bytes) -
 
 def test_rewrite_blocking_fixture_values() -> None:
     by_name = {name: body for name, body, _ in BLOCKING}
-    result = rewrite_blocking(by_name["cache_tokens"], IID, None)
+    result = BlockingTurns(IID, None).feed(by_name["cache_tokens"])
     (usage,) = _of(result.records, TokenUsage)
     u = orjson.loads(by_name["cache_tokens"])["usage"]
     split = u["cache_creation"]
@@ -349,14 +349,14 @@ def test_rewrite_blocking_fixture_values() -> None:
         usage.cache_write_1h,
     ) == expected
     assert _of(result.records, PromptUsage) == []
-    result = rewrite_blocking(by_name["parallel_tools"], IID, None)
+    result = BlockingTurns(IID, None).feed(by_name["parallel_tools"])
     assert [t.tool for t in _of(result.records, ToolUsage)] == ["get_weather", "get_local_time"]
     assert len(_of(result.records, ModelThought)) == 1
 
 
 @pytest.mark.parametrize("body", [b"{not json", b"", b"[1, 2]", b'{"type": "message"}'])
 def test_rewrite_blocking_not_a_message(body: bytes) -> None:
-    result = rewrite_blocking(body, IID, "my prompt")
+    result = BlockingTurns(IID, "my prompt").feed(body)
     assert result.body == body
     assert result.error
     (prompt,) = result.records
@@ -373,7 +373,7 @@ def test_rewrite_blocking_id_twice_reencodes() -> None:
         "usage": {"input_tokens": 2, "output_tokens": 3},
     }
     body = orjson.dumps(message, option=orjson.OPT_INDENT_2)
-    result = rewrite_blocking(body, IID, None)
+    result = BlockingTurns(IID, None).feed(body)
     assert result.error == ""
     expected = dict(message, id=IID)
     assert orjson.loads(result.body) == expected

@@ -150,11 +150,11 @@ def _tiny_stream(msg_id: str, start_usage: dict[str, Any], delta_usage: dict[str
 def test_output_equals_input_except_id(name: str, data: bytes) -> None:
     frames = _frames(data)
     msg_id = _msg_id(frames)
-    stream, out, _ = _run(frames)
+    _, out, records = _run(frames)
     quoted = orjson.dumps(msg_id)
     assert data.count(quoted) == 1
     assert out == data.replace(quoted, orjson.dumps(IID))
-    assert stream.upstream_message_id == msg_id
+    assert [u.msg_id for u in _of(records, TokenUsage)] == [msg_id]
 
 
 @pytest.mark.parametrize(("name", "data"), STREAMS, ids=STREAM_IDS)
@@ -549,7 +549,6 @@ def test_id_twice_falls_back_to_reencode_keeping_other_keys() -> None:
     expected = orjson.loads(orjson.dumps(payload))
     expected["message"]["id"] = IID
     assert orjson.loads(frame.data) == expected
-    assert stream.upstream_message_id == msg_id
     records = stream.finish()
     (usage,) = _of(records, TokenUsage)
     assert (usage.msg_id, usage.input, usage.output) == (msg_id, 3, 1)
@@ -575,7 +574,7 @@ def test_two_messages_one_prompt_two_usages() -> None:
     assert [u.input for u in usages] == [19, 61]
     (thought,) = _of(records, ModelThought)
     assert thought.msg_id == second_id
-    assert stream.upstream_message_id == second_id
+    assert stream.message_stopped
 
 
 def test_records_taken_incrementally() -> None:

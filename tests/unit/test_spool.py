@@ -18,6 +18,7 @@ import pytest
 
 from control.journal import Journal, read_journal
 from control.spool import Spool, SpooledRecord
+from control.spool_file import SpoolFile
 from gateway.config import ConfigError
 from gateway.records import (
     InterceptionEnded,
@@ -632,5 +633,92 @@ async def test_interceptions_left_open_are_ended_interrupted_at_the_next_start(
     await third.start()
     try:
         assert len(await third.read_after(0, 100)) == len(records)
+    finally:
+        await third.close()
+
+
+# -- reads bounded by the high watermark -------------------------------------------------------
+
+
+async def test_reads_stop_at_the_high_watermark_the_loop_knows(
+    spool: Spool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The reader's connection sees a commit before the event loop hears of it: a batch read
+    then must not hold records above the ``high_watermark`` sent with it (the host's ack of them
+    would be refused as OUT_OF_RANGE)."""
+    for i in range(6):
+        spool.submit(_record(i))
+    await spool.flush()
+    known = spool.high_watermark
+    assert [r.seq for r in await spool.read_after(0, 100)] == list(range(1, known + 1))
+
+    committed, release = threading.Event(), threading.Event()
+    real_post = spool._post
+
+    def post(fn: Any, *args: Any) -> None:
+        if fn == spool._committed:  # on the writer thread, right after its commit
+            committed.set()
+            release.wait(30)
+        real_post(fn, *args)
+
+    monkeypatch.setattr(spool, "_post", post)
+    try:
+        for i in range(6, 12):
+            spool.submit(_record(i))
+        assert await asyncio.to_thread(committed.wait, 10)
+        # In the file, but the loop does not know yet.
+        assert spool.high_watermark == known
+        got = await spool.read_after(0, 100)
+        assert [r.seq for r in got] == list(range(1, known + 1))
+        assert await spool.read_after(known, 100) == []
+    finally:
+        release.set()
+    await spool.flush()
+    assert spool.high_watermark == known + 6
+    assert [r.seq for r in await spool.read_after(known, 100)] == list(range(known + 1, known + 7))
+
+
+def test_a_read_bounded_inside_a_row_stops_there(tmp_path: Path) -> None:
+    file, *_ = SpoolFile.open(tmp_path / "spool.db")
+    try:
+        file.insert([(1, time.time(), [orjson.dumps(_record(i)) for i in range(10)])])
+        assert [r.seq for r in file.select(0, 100, 4)] == [1, 2, 3, 4]
+        assert [r.seq for r in file.select(2, 100, 4)] == [3, 4]
+        assert file.select(4, 100, 4) == []
+        assert [r.seq for r in file.select(4, 100, 10)] == list(range(5, 11))
+    finally:
+        file.close()
+
+
+# -- a start that fails half-way -----------------------------------------------------------------
+
+
+async def test_a_start_that_fails_after_the_writer_started_stops_it_and_releases_the_spool(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    path = tmp_path / "spool.db"
+    first = Spool(path)
+    await first.start()
+    first.submit(_record(0))  # an interception started, never ended: the next start ends it
+    await first.flush()
+    _die(first)
+    writers_before = {t for t in threading.enumerate() if t.name == "spool-writer"}
+
+    second = Spool(path)
+
+    async def persist() -> None:  # the disk fails while the interrupted ends are persisted
+        raise OSError(5, "Input/output error")
+
+    monkeypatch.setattr(second, "persist", persist)
+    with pytest.raises(OSError, match="Input/output error"):
+        await second.start()
+    # No writer thread left behind, and the spool is free for the next start.
+    assert {t for t in threading.enumerate() if t.name == "spool-writer"} <= writers_before
+    third = Spool(path)
+    await third.start()
+    try:
+        await third.flush()
+        ended = [r.payload for r in await third.read_after(0, 10) if r.kind == "interception_ended"]
+        assert [e["status"] for e in ended] == ["interrupted"]
     finally:
         await third.close()

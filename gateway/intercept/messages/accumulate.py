@@ -73,8 +73,3 @@ class TurnAccumulator:
                 block.pop("citations", None)
             out.append(block)
         return out
-
-    def block(self, index: int) -> dict[str, Any] | None:
-        """The (possibly still open) block at ``index``."""
-        pending = self._blocks.get(index)
-        return pending.block if pending else None

@@ -11,6 +11,7 @@ import orjson
 from gateway.intercept.messages.rewrite_id import replace_id
 from gateway.intercept.messages.turn import ToolCall, not_run_reason
 from gateway.intercept.messages.usage import MessageUsage
+from gateway.intercept.rewriter import TurnResult
 from gateway.records import ModelThought, PromptUsage, Record, ToolUsage
 
 
@@ -26,6 +27,14 @@ class BlockingResult:
     # Injected calls of a final turn: not run, for ``skip_reason``.
     skipped_calls: list[ToolCall] = field(default_factory=list)
     skip_reason: str = ""
+    stop_reason: str = ""
+
+    @property
+    def turn(self) -> TurnResult:
+        """This response as a turn of the agentic loop (``gateway.intercept.loop``)."""
+        return TurnResult(
+            self.tool_calls, self.skipped_calls, self.skip_reason, self.assistant, self.stop_reason
+        )
 
 
 class BlockingTurns:
@@ -72,12 +81,18 @@ class BlockingTurns:
         content = message.get("content")
         content = content if isinstance(content, list) else []
         calls, client_tool = self._content_records(content, msg_id, records)
-        stop_reason = message.get("stop_reason")
+        stop = message.get("stop_reason")
+        stop_reason = stop if isinstance(stop, str) else ""
         if calls and not client_tool and stop_reason == "tool_use":
-            return BlockingResult(body, records, tool_calls=calls, assistant=_assistant(content))
+            assistant = _assistant(content)
+            return BlockingResult(
+                body, records, tool_calls=calls, assistant=assistant, stop_reason=stop_reason
+            )
         client_body = self._client_body(body, message, msg_id, content)
-        reason = not_run_reason(client_tool, stop_reason if isinstance(stop_reason, str) else "")
-        return BlockingResult(client_body, records, skipped_calls=calls, skip_reason=reason)
+        reason = not_run_reason(client_tool, stop_reason)
+        return BlockingResult(
+            client_body, records, skipped_calls=calls, skip_reason=reason, stop_reason=stop_reason
+        )
 
     def _client_body(
         self, body: bytes, message: dict[str, Any], msg_id: str, content: list[Any]
@@ -149,11 +164,3 @@ class BlockingTurns:
 
 def _assistant(content: list[Any]) -> dict[str, Any]:
     return {"role": "assistant", "content": content}
-
-
-def rewrite_blocking(body: bytes, interception_id: str, prompt: str | None) -> BlockingResult:
-    """Rewrite the message id of a 200 response body and extract its records (no tool loop).
-
-    A body that is not a JSON message is reported in ``error`` (the relay answers 502).
-    """
-    return BlockingTurns(interception_id, prompt).feed(body)

@@ -3,61 +3,32 @@
 ``feed(frame)`` returns the bytes to send to the client for that frame (``b""`` to hide it) and
 queues records, which the I/O shell collects with ``take_records()``. Without injected tools only
 ``message_*`` frames are parsed and the one rewrite is ``message_start.message.id``; text deltas,
-the bulk of a stream, pass as the provider's bytes.
-
-With injected tools (``injected`` given) one client-visible message may span several upstream
-turns: when a turn stops on ``tool_use`` having called only injected tools, the gateway runs them
-and continues the conversation itself. Then the client sees a single ``message_start`` (the
-first), no trace of injected ``tool_use`` blocks or of the turns that only called them,
-content-block indices renumbered monotonically across turns, and a final ``message_delta`` whose
-usage is the total of all turns. No key is ever added to an event that did not have it, except
-the cumulative usage fields of that final delta. A turn that stops otherwise (``max_tokens``
-cutting an injected call short) is final: its injected calls are hidden and not run.
+the bulk of a stream, pass as the provider's bytes. With injected tools one client-visible
+message may span several upstream turns: :mod:`gateway.intercept.messages.turns` does that
+surgery.
 """
 
 from __future__ import annotations
 
-import re
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from typing import Any
 
 import orjson
 
-from gateway.intercept.messages.accumulate import TurnAccumulator
 from gateway.intercept.messages.rewrite_id import replace_id
 from gateway.intercept.messages.turn import StreamError, ToolCall, not_run_reason
+from gateway.intercept.messages.turns import InjectedTurns, TrackedBlock
 from gateway.intercept.messages.usage import MessageUsage
+from gateway.intercept.rewriter import TurnResult
 from gateway.records import ModelThought, PromptUsage, Record, ToolUsage
-from gateway.sse import Frame, SSEFramer, encode
+from gateway.sse import Frame, RegionScanner, SSEFramer, encode, named_events
 
 _TRACKED_BLOCKS = frozenset({"thinking", "tool_use", "server_tool_use"})
-# Scanning a region of whole frames (``SSEFramer.feed_region``): each pattern matches, empty, at
-# the start of a frame the rewriter must see; the others pass as they are. Group 1 is the event
-# name and group 2 the data payload when the frame has the standard layout ``event: NAME\ndata:
-# PAYLOAD\n\n`` (exactly what ``Frame.event`` and ``Frame.data`` would return then); the frame ends
-# at its first blank line, as ``bytes.split`` cuts it. ``_SCAN*`` find frames after the delimiter
-# ending the frame before, ``_FIRST*`` match the region's first frame: the literal prefix of
-# ``_SCAN*`` keeps the search in C (``\A|\n\n`` would try a match at every byte). The ``_ALL``
-# patterns skip only pings: while a tracked block is open, or with injected tools, every block
-# event counts.
-_HEAD = rb"(?=event: ([a-z_]+)\n(?:data: ([^\n]*)\n\n)?|)"
-_SKIP = rb"(?!event: (?:ping|content_block_delta|content_block_stop)\n|\Z)" + _HEAD
-_SKIP_ALL = rb"(?!event: ping\n|\Z)" + _HEAD
-_FIRST = re.compile(_SKIP)
-_FIRST_ALL = re.compile(_SKIP_ALL)
-_SCAN = re.compile(rb"\n\n" + _SKIP)
-_SCAN_ALL = re.compile(rb"\n\n" + _SKIP_ALL)
-
-
-@dataclass(slots=True)
-class _Block:
-    type: str
-    tool_id: str = ""
-    name: str = ""
-    initial_input: Any = None
-    parts: list[str] = field(default_factory=list)
-    hidden: bool = False
+# Frames a region scan lets pass unread: pings always, and the deltas and ends of blocks the
+# stream does not track (text), unless it tracks a block or runs the multi-turn surgery.
+_PATTERNS = named_events(
+    ignored=["ping"], tracked_only=["content_block_delta", "content_block_stop"]
+)
 
 
 class MessagesStream:
@@ -72,26 +43,19 @@ class MessagesStream:
         self.interception_id = interception_id
         self._prompt = prompt
         self._prompt_recorded = prompt is None
-        self._injected = injected
         self._records: list[Record] = []
         self._msg_id = ""
         self._usage: MessageUsage | None = None
-        self._open: dict[int, _Block] = {}
+        self._open: dict[int, TrackedBlock] = {}
+        self._turns = InjectedTurns(injected) if injected else None
+        # The region scan's flag (``ScanTarget``): a block is tracked, or the surgery runs.
+        self.scan_all = self._turns is not None
         self.error: StreamError | None = None
         self.message_stopped = False
         # True once the client-visible message_stop has been produced (the stream's last event).
         self.stop_relayed = False
-        # Multi-turn state (only used with injected tools).
-        self.turn = 0
-        self._totals = MessageUsage()
-        self._acc: TurnAccumulator | None = TurnAccumulator() if injected else None
-        self._index_map: dict[int, int] = {}
-        self._next_index = 0
-        self._turn_calls: list[_Block] = []
-        self._turn_client_tool = False
-        # The turn stopped on tool_use having called only injected tools: the gateway goes on.
-        self._continues = False
-        self._stop_reason = ""
+        # The current turn's stop reason (from its message_delta), "" until then.
+        self.stop_reason = ""
 
     # -- public API -------------------------------------------------------------------------
 
@@ -111,60 +75,14 @@ class MessagesStream:
     def feed_chunk(self, framer: SSEFramer, chunk: bytes) -> bytes | None:
         """Frame ``chunk`` and process what it completes: the client bytes, or None if nothing.
 
-        Whole-frame chunks take the fast path (``SSEFramer.feed_region``), others ``feed``.
+        Whole-frame chunks take the fast path (``SSEFramer.feed_region`` and a region scan that
+        passes text deltas and pings with no per-frame Python work), others ``feed``.
         """
         region = framer.feed_region(chunk)
         if region is not None:
-            return self._feed_region(region) if region else None
+            return _SCANNER.scan(self, region) if region else None
         frames = framer.feed(chunk)
         return self.feed_all(frames) if frames else None
-
-    def _feed_region(self, region: bytes) -> bytes:
-        """Process a run of whole frames (``SSEFramer.feed_region``); return the client bytes.
-
-        The frames to look at are found with a regex scan (``_SCAN``); the others (text deltas,
-        pings, the end of an untracked block) pass with no per-frame Python work. When no frame
-        changes, ``region`` itself is returned.
-        """
-        edits: list[tuple[int, int, bytes]] = []
-        every = self._acc is not None or bool(self._open)
-        pos = 0
-        m = (_FIRST_ALL if every else _FIRST).match(region)
-        if m is not None:
-            pos = self._feed_match(region, m, edits)
-        while True:
-            every = self._acc is not None or bool(self._open)
-            for m in (_SCAN_ALL if every else _SCAN).finditer(region, pos):
-                pos = self._feed_match(region, m, edits)
-                if every is not (self._acc is not None or bool(self._open)):
-                    break  # a tracked block opened or closed: go on with the other scan
-            else:
-                break
-        if not edits:
-            return region
-        pieces = []
-        done = 0
-        for start, end, out in edits:
-            pieces.append(region[done:start])
-            pieces.append(out)
-            done = end
-        pieces.append(region[done:])
-        return b"".join(pieces)
-
-    def _feed_match(
-        self, region: bytes, m: re.Match[bytes], edits: list[tuple[int, int, bytes]]
-    ) -> int:
-        """Feed the frame starting where ``m`` ends; return the position of its delimiter."""
-        start = m.end()
-        data = m[2]
-        end = m.end(2) if data is not None else region.find(b"\n\n", start)
-        frame = Frame(region[start : end + 2], data)
-        name = m[1]
-        handler = _BY_NAME.get(name) if name is not None else None
-        out = handler(self, frame) if handler is not None else self.feed(frame)
-        if out is not frame.raw:
-            edits.append((start, end + 2, out))
-        return end
 
     def take_records(self) -> list[Record]:
         """Records produced since the last call, in order."""
@@ -179,15 +97,16 @@ class MessagesStream:
             for block in self._open.values():
                 self._close_block(block)
             self._open.clear()
+            self.scan_all = self._turns is not None
             self._records.append(self._usage.record(self.interception_id, self._msg_id))
             self._usage = None
         self._record_prompt("")
         return self.take_records()
 
     @property
-    def upstream_message_id(self) -> str:
-        """The provider's id of the current (or last) message."""
-        return self._msg_id
+    def turn(self) -> int:
+        """How many upstream turns came before the current one (0 without injected tools)."""
+        return self._turns.turn if self._turns is not None else 0
 
     @property
     def tool_calls(self) -> list[ToolCall]:
@@ -197,47 +116,41 @@ class MessagesStream:
         the client must answer first), or the turn stopped on anything but ``tool_use`` (a call
         cut off by ``max_tokens`` has half its arguments). Calls of a final turn are not run.
         """
-        if not self._continues or not self.message_stopped:
+        turns = self._turns
+        if turns is None or not turns.continues or not self.message_stopped:
             return []
-        return self._injected_calls()
+        return turns.calls(self._msg_id)
 
     @property
     def skipped_calls(self) -> list[ToolCall]:
         """Injected calls of a final turn (never run; ``skip_reason`` says why)."""
-        if self._acc is None or self._continues or not self.message_stopped:
+        turns = self._turns
+        if turns is None or turns.continues or not self.message_stopped:
             return []
-        return self._injected_calls()
+        return turns.calls(self._msg_id)
 
     @property
     def skip_reason(self) -> str:
         """Why ``skipped_calls`` were not run."""
-        return not_run_reason(self._turn_client_tool, self._stop_reason)
-
-    def _injected_calls(self) -> list[ToolCall]:
-        assert self._acc is not None
-        inputs = {b.get("id"): b.get("input") for b in self._acc.content()}
-        calls = []
-        for block in self._turn_calls:
-            args = inputs.get(block.tool_id)
-            args = args if isinstance(args, dict) else {}
-            calls.append(ToolCall(block.tool_id, block.name, args, self._msg_id))
-        return calls
+        return not_run_reason(self._turns is not None and self._turns.client_tool, self.stop_reason)
 
     def assistant_message(self) -> dict[str, Any]:
         """The turn that just ended, as the assistant message of the continuation request."""
-        assert self._acc is not None, "only available with injected tools"
-        return {"role": "assistant", "content": self._acc.content()}
+        assert self._turns is not None, "only available with injected tools"
+        return self._turns.assistant_message()
+
+    def turn_result(self) -> TurnResult:
+        """How the upstream turn that just ended ended, for the agentic loop."""
+        calls = self.tool_calls
+        assistant = self.assistant_message() if calls else None
+        return TurnResult(calls, self.skipped_calls, self.skip_reason, assistant, self.stop_reason)
 
     def next_turn(self) -> None:
         """Prepare for the next upstream stream of the same client-visible message."""
-        self.turn += 1
+        assert self._turns is not None, "only available with injected tools"
+        self._turns.next_turn()
         self.message_stopped = False
-        self._acc = TurnAccumulator()
-        self._index_map = {}
-        self._turn_calls = []
-        self._turn_client_tool = False
-        self._continues = False
-        self._stop_reason = ""
+        self.stop_reason = ""
 
     # -- handlers ---------------------------------------------------------------------------
 
@@ -250,8 +163,8 @@ class MessagesStream:
         self._usage = MessageUsage()
         self._usage.update(message.get("usage"))
         self._record_prompt(self._msg_id)
-        if self.turn > 0:
-            return b""  # the client already has its message_start
+        if self._turns is not None and self._turns.hides_message_start:
+            return b""
         if not self._msg_id:
             return frame.raw
         rewritten = replace_id(frame.raw, self._msg_id, self.interception_id)
@@ -262,35 +175,24 @@ class MessagesStream:
 
     def _message_delta(self, frame: Frame) -> bytes:
         event = _loads(frame.data)
-        if event is None or self._usage is None:
+        usage = self._usage
+        if event is None or usage is None:
             return frame.raw
-        self._usage.update(event.get("usage"))
-        if self._acc is None:
-            return frame.raw
+        usage.update(event.get("usage"))
         delta = event.get("delta")
         stop_reason = delta.get("stop_reason") if isinstance(delta, dict) else None
-        self._stop_reason = stop_reason if isinstance(stop_reason, str) else ""
-        if self._turn_calls and not self._turn_client_tool and stop_reason == "tool_use":
-            self._continues = True
-            return b""  # the loop goes on: this turn's end stays hidden
-        if self.turn == 0:
+        self.stop_reason = stop_reason if isinstance(stop_reason, str) else ""
+        if self._turns is None:
             return frame.raw
-        # Final turn of a loop: the client's usage is the total of every turn.
-        total = self._totals.plus(self._usage)
-        usage = event.get("usage")
-        usage = usage if isinstance(usage, dict) else {}
-        usage.update(total.as_anthropic())
-        event["usage"] = usage
-        return encode(frame.event, orjson.dumps(event))
+        return self._turns.message_delta(frame, event, usage, self.stop_reason)
 
     def _message_stop(self, frame: Frame) -> bytes:
-        if self._usage is not None:
-            self._records.append(self._usage.record(self.interception_id, self._msg_id))
-            if self._acc is not None:  # only a multi-turn message needs the running total
-                self._totals = self._totals.plus(self._usage)
+        usage = self._usage
+        if usage is not None:
+            self._records.append(usage.record(self.interception_id, self._msg_id))
             self._usage = None
         self.message_stopped = True
-        if self._continues:
+        if self._turns is not None and self._turns.message_stop(usage):
             return b""
         self.stop_relayed = True
         return frame.raw
@@ -304,9 +206,9 @@ class MessagesStream:
         if not isinstance(block, dict) or not isinstance(index, int):
             return frame.raw
         kind = block.get("type")
-        tracked: _Block | None = None
+        tracked: TrackedBlock | None = None
         if kind in _TRACKED_BLOCKS:
-            tracked = _Block(type=str(kind))
+            tracked = TrackedBlock(type=str(kind))
             if kind == "thinking":
                 text = block.get("thinking")
                 if isinstance(text, str) and text:
@@ -316,20 +218,13 @@ class MessagesStream:
                 tracked.name = str(block.get("name") or "")
                 tracked.initial_input = block.get("input")
             self._open[index] = tracked
-        if self._acc is None:
+            self.scan_all = True
+        if self._turns is None:
             return frame.raw
-        self._acc.start(index, block)
-        injected = self._injected
-        if tracked is not None and kind == "tool_use" and injected and injected(tracked.name):
-            tracked.hidden = True
-            self._turn_calls.append(tracked)
-            return b""
-        if kind == "tool_use":
-            self._turn_client_tool = True
-        return self._renumber(frame, event, index, new=True)
+        return self._turns.block_start(frame, event, index, block, tracked)
 
     def _block_delta(self, frame: Frame) -> bytes:
-        if not self._open and self._acc is None:
+        if not self.scan_all:
             return frame.raw
         event = _loads(frame.data)
         if event is None:
@@ -349,15 +244,12 @@ class MessagesStream:
                 part = delta.get("partial_json")
                 if isinstance(part, str):
                     block.parts.append(part)
-        if self._acc is None:
+        if self._turns is None:
             return frame.raw
-        self._acc.delta(index, delta)
-        if block is not None and block.hidden:
-            return b""
-        return self._renumber(frame, event, index)
+        return self._turns.block_delta(frame, event, index, delta, block)
 
     def _block_stop(self, frame: Frame) -> bytes:
-        if not self._open and self._acc is None:
+        if not self.scan_all:
             return frame.raw
         event = _loads(frame.data)
         if event is None:
@@ -368,11 +260,10 @@ class MessagesStream:
         block = self._open.pop(index, None)
         if block is not None:
             self._close_block(block)
-            if block.hidden:
-                return b""
-        if self._acc is None:
+            self.scan_all = self._turns is not None or bool(self._open)
+        if self._turns is None:
             return frame.raw
-        return self._renumber(frame, event, index)
+        return self._turns.block_stop(frame, event, index, block)
 
     def _error(self, frame: Frame) -> bytes:
         event = _loads(frame.data)
@@ -385,20 +276,7 @@ class MessagesStream:
 
     # -- helpers ----------------------------------------------------------------------------
 
-    def _renumber(
-        self, frame: Frame, event: dict[str, Any], index: int, new: bool = False
-    ) -> bytes:
-        """Give a client-visible block the next client index; re-encode only if it changed."""
-        if new:
-            self._index_map[index] = self._next_index
-            self._next_index += 1
-        client_index = self._index_map.get(index, index)
-        if client_index == index:
-            return frame.raw
-        event["index"] = client_index
-        return encode(frame.event, orjson.dumps(event))
-
-    def _close_block(self, block: _Block) -> None:
+    def _close_block(self, block: TrackedBlock) -> None:
         if block.type == "thinking":
             text = "".join(block.parts)
             if text:
@@ -433,8 +311,8 @@ _HANDLERS: dict[str, Callable[[MessagesStream, Frame], bytes]] = {
     "error": MessagesStream._error,
 }
 
-# The same, keyed by the event name's bytes (``_feed_region``).
-_BY_NAME = {name.encode(): handler for name, handler in _HANDLERS.items()}
+# The same, keyed by the event name's bytes, for the region scan.
+_SCANNER = RegionScanner(_PATTERNS, {name.encode(): h for name, h in _HANDLERS.items()})
 
 
 def _loads(data: bytes) -> dict[str, Any] | None:

@@ -3,6 +3,10 @@
 Anthropic reports usage in ``message_start.message.usage`` and again, cumulatively, in every
 ``message_delta.usage``: the latest value of a field is the message's total, so values replace
 earlier ones and are never added (the reference gateway adds them and over-counts output).
+
+Anthropic's fields already have the meaning ``gateway.records.TokenUsage`` fixes for every
+dialect (``input_tokens`` leaves the cache out, ``output_tokens`` counts thinking): they map one
+to one, and ``reasoning`` stays 0, Anthropic reporting no thinking count apart.
 """
 
 from __future__ import annotations

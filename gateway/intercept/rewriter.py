@@ -1,0 +1,95 @@
+"""The seam between the relay and a dialect's stream rewriter (pure).
+
+The relay pumps upstream bytes through a :class:`StreamRewriter` and never names a dialect's
+types: bytes in, the client's bytes and usage records out. Between two upstream turns of an
+agentic loop it asks for the :class:`TurnResult`, which ``gateway.intercept.loop`` decides on.
+
+Every dialect's stream ends with a terminal event (Messages ``message_stop``, Chat
+``data: [DONE]``, Responses ``response.completed``). The rewriter says when it has produced it
+(``stop_relayed``); the relay holds that event and whatever follows back until the
+interception's records are durable, so a client that saw a whole response always has it on
+record.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+# Shared by every dialect: a tool call is an id, a name, arguments and the message it came in.
+from gateway.intercept.messages.turn import ToolCall
+from gateway.records import Record
+from gateway.sse import SSEFramer
+
+
+@dataclass(frozen=True, slots=True)
+class TurnResult:
+    """How one upstream turn ended, as the agentic loop needs to know it.
+
+    The dialect decides which calls the gateway runs: ``tool_calls`` is non-empty only when the
+    turn stopped to have tools run and every tool it called is an injected one. Any other turn
+    is final; the injected calls it made are ``skipped_calls``, recorded with ``skip_reason``.
+    """
+
+    # Injected calls the gateway must run before the conversation can go on.
+    tool_calls: Sequence[ToolCall] = ()
+    # Injected calls of a final turn: never run.
+    skipped_calls: Sequence[ToolCall] = ()
+    skip_reason: str = ""
+    # The turn as the dialect's conversation item (Messages: the assistant message) that the
+    # continuation request repeats before the tool results; None when there is nothing to run.
+    assistant: Any = None
+    # The provider's own stop reason ("tool_use", "max_tokens"...), "" when it gave none.
+    stop_reason: str = ""
+
+
+class ReportedError(Protocol):
+    """An error the upstream reported inside its stream."""
+
+    @property
+    def type(self) -> str:
+        """The provider's error type."""
+        ...
+
+    @property
+    def message(self) -> str:
+        """The provider's message."""
+        ...
+
+
+class StreamRewriter(Protocol):
+    """A dialect's pure stream rewriter, as the relay drives it (one per client stream)."""
+
+    @property
+    def stop_relayed(self) -> bool:
+        """Whether the client-visible terminal event has been produced.
+
+        Read once per chunk on the hot path: implement it as a plain attribute.
+        """
+        ...
+
+    @property
+    def error(self) -> ReportedError | None:
+        """The error the upstream reported in the stream, if any (relayed as it came)."""
+        ...
+
+    def feed_chunk(self, framer: SSEFramer, chunk: bytes) -> bytes | None:
+        """Frame ``chunk`` and process what it completes: the client's bytes, None if nothing."""
+        ...
+
+    def take_records(self) -> list[Record]:
+        """Records produced since the last call, in order."""
+        ...
+
+    def finish(self) -> list[Record]:
+        """Close the stream, normally or not: the records still owed (usage of a cut turn)."""
+        ...
+
+    def turn_result(self) -> TurnResult:
+        """How the upstream turn that just ended ended (call once its body is read)."""
+        ...
+
+    def next_turn(self) -> None:
+        """Prepare for the next upstream turn of the same client-visible response."""
+        ...
