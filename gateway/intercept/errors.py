@@ -12,7 +12,10 @@ _ANTHROPIC_TYPES = {
     403: "permission_error",
     404: "not_found_error",
     405: "invalid_request_error",
+    # The gateway's own: a client too slow to send its body.
+    408: "timeout_error",
     413: "request_too_large",
+    415: "invalid_request_error",
     429: "rate_limit_error",
     500: "api_error",
     502: "api_error",
@@ -26,19 +29,22 @@ def anthropic_error_type(status: int) -> str:
     return _ANTHROPIC_TYPES.get(status, "api_error")
 
 
-def anthropic_error_body(status: int, message: str, error_type: str | None = None) -> bytes:
+def anthropic_error_body(status: int, message: str) -> bytes:
     """``{"type":"error","error":{"type":...,"message":...}}`` as Anthropic answers errors."""
     return orjson.dumps(
-        {
-            "type": "error",
-            "error": {"type": error_type or anthropic_error_type(status), "message": message},
-        }
+        {"type": "error", "error": {"type": anthropic_error_type(status), "message": message}}
     )
 
 
-def anthropic_error_event(message: str, error_type: str = "api_error") -> bytes:
-    """An SSE ``error`` event for a fault found after the stream has started."""
-    return encode("error", anthropic_error_body(500, message, error_type))
+def anthropic_error_event(status: int, message: str) -> bytes:
+    """An SSE ``error`` event for a fault found after the stream has started; ``status`` is the
+    one the fault would have had before (it picks the error type)."""
+    return encode("error", anthropic_error_body(status, message))
+
+
+def anthropic_relayed_error_event(body: bytes) -> bytes:
+    """An SSE ``error`` event carrying the provider's own error body (a refused continuation)."""
+    return encode("error", body)
 
 
 def parse_error_body(body: bytes) -> tuple[str, str]:

@@ -22,8 +22,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
-from gateway.intercept.messages.turn import ToolCall
-from gateway.intercept.rewriter import TurnResult
+from gateway.intercept.rewriter import ToolCall, TurnResult
 
 # -- events (what happened) --------------------------------------------------------------------
 

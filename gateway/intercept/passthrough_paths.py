@@ -8,18 +8,15 @@ validated segments, never from the client's path: the HTTP client would otherwis
 from __future__ import annotations
 
 import re
+from collections.abc import Iterable
 from urllib.parse import parse_qsl, quote, unquote, urlencode
 
 # Stands for one client-chosen segment (a model id) in an allow-listed path.
 ID = None
 
-# Anthropic endpoints safe to relay with the central key: reads and token counting. Other methods
-# on these paths get 405 (a central key may be an admin key).
-ANTHROPIC_PASSTHROUGH: tuple[tuple[str, tuple[str | None, ...]], ...] = (
-    ("GET", ("v1", "models")),
-    ("GET", ("v1", "models", ID)),
-    ("POST", ("v1", "messages", "count_tokens")),
-)
+# One allow-listed endpoint: a method and the path's segments, literals or ``ID``. Each provider
+# type lists its own (``ProviderApi.passthrough``).
+PassthroughRoute = tuple[str, tuple[str | None, ...]]
 
 # What a decoded id segment may hold: the characters of model ids (``claude-sonnet-4-5``,
 # ``anthropic.claude-3-5-sonnet-v2:0``, ``claude-3-5-sonnet-v2@20241022``). Everything else (a
@@ -40,9 +37,9 @@ def _segment(raw: str) -> str | None:
     return decoded
 
 
-def upstream_path(method: str, raw_path: str) -> str | None:
-    """The upstream path for ``method`` on ``raw_path``, or None if the allow-list has no such
-    route.
+def upstream_path(routes: Iterable[PassthroughRoute], method: str, raw_path: str) -> str | None:
+    """The upstream path for ``method`` on ``raw_path``, or None if the allow-list ``routes``
+    has no such route.
 
     ``raw_path`` is the request path after the provider prefix, still percent-encoded (e.g.
     ``/v1/models/claude-sonnet-4-5``). Each segment is decoded once and must match the route's
@@ -51,7 +48,7 @@ def upstream_path(method: str, raw_path: str) -> str | None:
     if not raw_path.startswith("/"):
         return None
     raw_segments = raw_path[1:].split("/")
-    for allowed_method, route in ANTHROPIC_PASSTHROUGH:
+    for allowed_method, route in routes:
         if allowed_method != method or len(route) != len(raw_segments):
             continue
         built: list[str] = []

@@ -1,8 +1,9 @@
-"""The seam between the relay and a dialect's stream rewriter (pure).
+"""The seam between the relay and a dialect's rewriters (pure).
 
-The relay pumps upstream bytes through a :class:`StreamRewriter` and never names a dialect's
-types: bytes in, the client's bytes and usage records out. Between two upstream turns of an
-agentic loop it asks for the :class:`TurnResult`, which ``gateway.intercept.loop`` decides on.
+The relay pumps upstream bytes through a :class:`StreamRewriter` (a blocking body through a
+:class:`BlockingRewriter`) and never names a dialect's types: bytes in, the client's bytes and
+usage records out. Between two upstream turns of an agentic loop it asks for the
+:class:`TurnResult`, which ``gateway.intercept.loop`` decides on.
 
 Every dialect's stream ends with a terminal event (Messages ``message_stop``, Chat
 ``data: [DONE]``, Responses ``response.completed``). The rewriter says when it has produced it
@@ -17,10 +18,19 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
-# Shared by every dialect: a tool call is an id, a name, arguments and the message it came in.
-from gateway.intercept.messages.turn import ToolCall
 from gateway.records import Record
 from gateway.sse import SSEFramer
+
+
+@dataclass(frozen=True, slots=True)
+class ToolCall:
+    """An injected tool the model called in a turn (every dialect's calls look alike)."""
+
+    tool_use_id: str
+    name: str
+    input: dict[str, Any]
+    # The provider's id of the message (turn) the call came in, for its record.
+    msg_id: str
 
 
 @dataclass(frozen=True, slots=True)
@@ -92,4 +102,36 @@ class StreamRewriter(Protocol):
 
     def next_turn(self) -> None:
         """Prepare for the next upstream turn of the same client-visible response."""
+        ...
+
+
+class BlockingTurn(Protocol):
+    """One blocking upstream response, rewritten (``BlockingRewriter.feed``)."""
+
+    @property
+    def body(self) -> bytes:
+        """What the client gets, if this turn is the last."""
+        ...
+
+    @property
+    def records(self) -> Sequence[Record]:
+        """What to record for this turn."""
+        ...
+
+    @property
+    def error(self) -> str:
+        """Why the body is no answer of the dialect's (an HTML page, junk); "" if it is one."""
+        ...
+
+    @property
+    def turn(self) -> TurnResult:
+        """This response as a turn of the agentic loop."""
+        ...
+
+
+class BlockingRewriter(Protocol):
+    """A dialect's pure rewriter of blocking responses (one per client request)."""
+
+    def feed(self, body: bytes) -> BlockingTurn:
+        """Take one upstream response body (one per upstream call, in order)."""
         ...

@@ -11,17 +11,12 @@ import aiohttp
 from aiohttp import web
 
 from gateway.config import Settings
+from gateway.intercept.dialects import DIALECTS, UNROUTED, provider_apis
 from gateway.ports import UsageSink
 from gateway.proxy.client_writer import OPEN_STREAMS
-from gateway.proxy.handlers import (
-    Handler,
-    Services,
-    messages,
-    provider_shaped,
-    unknown_route,
-    wrong_method,
-)
-from gateway.proxy.passthrough import passthrough, passthrough_routes
+from gateway.proxy.errors import Handler, provider_shaped, unknown_route, wrong_method
+from gateway.proxy.handlers import Services, intercept
+from gateway.proxy.passthrough import passthrough, passthrough_routes, wrong_passthrough_method
 from gateway.proxy.relay import RelayOptions
 from gateway.proxy.upstream import make_session, stripped_headers
 from gateway.state import StateHolder
@@ -80,7 +75,8 @@ def build_app(
 ) -> web.Application:
     """Wire routes and the upstream session's lifetime to the app."""
     # No middleware (it costs every request two coroutines): handlers are wrapped once here, or
-    # shape their own failures (messages), and the router answers unknown routes and methods.
+    # shape their own failures (intercept, passthrough), and the router answers unknown routes
+    # and methods. Every route is bound to its dialect or provider type here, once.
     app = web.Application(client_max_size=settings.max_body_bytes)
     app[READY] = readiness
     session_ref: list[aiohttp.ClientSession] = []
@@ -116,17 +112,23 @@ def build_app(
     router = app.router
     # aiohttp tries a resource's routes in order; a "*" route after a path's methods answers the
     # others with 405 (without it, resolution would go on to the catch-all and answer 404).
+    health_405 = functools.partial(wrong_method, UNROUTED)
     router.add_get("/healthz", provider_shaped(healthz))
-    router.add_route("*", "/healthz", wrong_method)
+    router.add_route("*", "/healthz", health_405)
     router.add_get("/readyz", provider_shaped(readyz))
-    router.add_route("*", "/readyz", wrong_method)
-    # Any method: the handler answers 405 itself, and shapes its own failures.
-    router.add_route("*", "/{provider}/v1/messages", functools.partial(messages, services))
-    relay = provider_shaped(functools.partial(passthrough, services))
-    for path, methods in passthrough_routes().items():
-        for method in methods:
+    router.add_route("*", "/readyz", health_405)
+    # The route table: one handler for every intercepted API, bound to its dialect. Any method:
+    # the handler answers 405 itself, in its provider type's shape.
+    for dialect in DIALECTS.values():
+        handler = functools.partial(intercept, services, dialect)
+        router.add_route("*", "/{provider}" + dialect.path, handler)
+    # Each provider type's passthrough allow-list (a path two types list is one route).
+    for path, route in passthrough_routes(provider_apis(DIALECTS).values()).items():
+        relay = functools.partial(passthrough, services, route)
+        for method in route.methods:
             router.add_route(method, "/{provider}" + path, relay)
-        router.add_route("*", "/{provider}" + path, wrong_method)
+        refuse = functools.partial(wrong_passthrough_method, services, route)
+        router.add_route("*", "/{provider}" + path, refuse)
     router.register_resource(AnyTarget(unknown_route))
     return app
 

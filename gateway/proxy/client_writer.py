@@ -10,8 +10,6 @@ from typing import Any
 import aiohttp
 from aiohttp import web
 
-from gateway.sse.keepalive import ANTHROPIC_PING
-
 CLIENT_GONE = (ConnectionResetError, aiohttp.ClientConnectionResetError)
 
 
@@ -95,13 +93,16 @@ class ClientWriter:
         ping_interval: float,
         on_gone: Callable[[], None],
         loop: asyncio.AbstractEventLoop,
+        ping: bytes,
     ) -> None:
-        """``loop``: the running loop (passed in: asking for it costs a syscall per stream)."""
+        """``loop``: the running loop (passed in: asking for it costs a syscall per stream);
+        ``ping``: the dialect's keep-alive bytes."""
         self.out = out
         self.gone = False
         self.closed = False
         self._on_gone = on_gone
         self._interval = ping_interval
+        self._ping = ping
         self._loop = loop
         self._last_write = loop.time()
         self._timer: asyncio.TimerHandle | None = None
@@ -151,6 +152,6 @@ class ClientWriter:
             return
         idle = self._loop.time() - self._last_write
         if idle >= self._interval and (self._ping_task is None or self._ping_task.done()):
-            self._ping_task = self._loop.create_task(self.write(ANTHROPIC_PING))
+            self._ping_task = self._loop.create_task(self.write(self._ping))
             idle = 0.0
         self._timer = self._loop.call_later(self._interval - idle, self._check_idle)

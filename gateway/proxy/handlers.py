@@ -1,11 +1,14 @@
-"""Route handlers: thin glue from an HTTP request to the interceptor and the relay."""
+"""The intercepted routes' handler: thin glue from an HTTP request to a dialect and the relay.
+
+One handler serves every intercepted route, bound at startup to the route's ``Dialect``
+(``gateway.intercept.dialect``); it names no provider's types.
+"""
 
 from __future__ import annotations
 
 import asyncio
 import logging
 import re
-from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 
 import aiohttp
@@ -15,14 +18,16 @@ from aiohttp.http_exceptions import HttpProcessingError
 
 from gateway.auth import Authenticated, authenticate
 from gateway.identity import client_session_id, detect_client
-from gateway.intercept.errors import anthropic_error_body
+from gateway.intercept.dialect import Dialect, ParsedRequest, ProviderApi, RequestError, ToolShapes
 from gateway.intercept.loop import AgenticLoop
-from gateway.intercept.messages.blocking import BlockingTurns
-from gateway.intercept.messages.request import MessagesRequest, RequestError, parse_request
-from gateway.intercept.messages.stream import MessagesStream
-from gateway.intercept.messages.tools import continuation
 from gateway.intercept.passthrough_paths import reencode_query
 from gateway.ports import UsageSink
+from gateway.proxy.errors import (
+    error_response,
+    failure_response,
+    method_not_allowed,
+    route_not_found,
+)
 from gateway.proxy.loop_runner import LoopRunner
 from gateway.proxy.relay import Interception, RelayOptions
 from gateway.proxy.request_body import BodyError, decode_body
@@ -35,10 +40,6 @@ from gateway.state import Provider, Snapshot, StateHolder
 from gateway.tools.mcp_pool import McpPool
 
 log = logging.getLogger("aibridged.handlers")
-# Failures escaping a handler are logged under the app's name (where the middleware logged them).
-_app_log = logging.getLogger("aibridged.app")
-
-Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 
 @dataclass(frozen=True, slots=True)
@@ -73,8 +74,9 @@ async def _tool_loop(
     services: Services,
     snapshot: Snapshot,
     auth: Authenticated,
-    parsed: MessagesRequest,
+    parsed: ParsedRequest,
     interception_id: str,
+    shapes: ToolShapes,
 ) -> ToolLoop | None:
     """The injected tools for this request, already added to ``parsed.parsed``; None if none.
 
@@ -88,94 +90,37 @@ async def _tool_loop(
         auth.actor.id,
         interception_id,
         services.sink,
+        shapes,
     )
     if loop is None or not loop.inject(parsed.parsed):
         return None
     return loop
 
 
-def anthropic_error(status: int, message: str, error_type: str | None = None) -> web.Response:
-    """A gateway-side error response in Anthropic's shape."""
-    return web.Response(
-        status=status,
-        body=anthropic_error_body(status, message, error_type),
-        content_type="application/json",
+def not_configured(api: ProviderApi) -> web.Response:
+    """The 503 before the control plane's first state push."""
+    return error_response(
+        api, 503, "gateway not configured yet: waiting for the control plane's first state push"
     )
 
 
-def route_not_found(request: web.Request) -> web.Response:
-    """The 404 for a path no route serves."""
-    return anthropic_error(404, f"route not supported: {request.method} {request.path}")
-
-
-def method_not_allowed(request: web.Request) -> web.Response:
-    """The 405 for a known path asked with a method it does not serve."""
-    return anthropic_error(405, f"method {request.method} not allowed on {request.path}")
-
-
-async def unknown_route(request: web.Request) -> web.Response:
-    """Handler of the catch-all route, registered last: the Anthropic-shaped 404."""
-    return route_not_found(request)
-
-
-async def wrong_method(request: web.Request) -> web.Response:
-    """Handler of each known path's ``*`` route, after its methods: the Anthropic-shaped 405."""
-    return method_not_allowed(request)
-
-
-def failure_response(request: web.Request, exc: Exception) -> web.Response | None:
-    """What the client gets for an exception escaping a handler; None to let it propagate.
-
-    Call from the ``except`` clause (an unexpected failure is logged with its traceback). No
-    traceback and no HTML reach a client: every failure gets the provider's error shape.
-    Redirects and client disconnects propagate.
-    """
-    if isinstance(exc, web.HTTPException):
-        if exc.status < 400:
-            return None
-        if exc.status == 404:
-            return route_not_found(request)
-        if exc.status == 405:
-            return method_not_allowed(request)
-        return anthropic_error(exc.status, exc.reason)
-    if isinstance(exc, (ConnectionResetError, aiohttp.ClientConnectionResetError)):
-        return None
-    _app_log.exception("unhandled error on %s %s", request.method, request.path)
-    return anthropic_error(500, "internal gateway error")
-
-
-def provider_shaped(handler: Handler) -> Handler:
-    """``handler`` with its failures answered by :func:`failure_response` (wrap once, at startup).
-
-    Costs one coroutine per request, where an aiohttp middleware costs two.
-    """
-
-    async def shaped(request: web.Request) -> web.StreamResponse:
-        try:
-            return await handler(request)
-        except Exception as exc:
-            response = failure_response(request, exc)
-            if response is None:
-                raise
-            return response
-
-    return shaped
-
-
-def _provider_in(snapshot: Snapshot, request: web.Request) -> Provider | web.Response:
+def provider_of(
+    snapshot: Snapshot, request: web.Request, api: ProviderApi
+) -> Provider | web.Response:
+    """The provider the path names when it is of ``api``'s type; else the answer (503, 404)."""
     if not snapshot.configured:
-        return anthropic_error(
-            503, "gateway not configured yet: waiting for the control plane's first state push"
-        )
-    name = request.match_info["provider"]
-    provider = snapshot.providers.get(name)
-    if provider is None or provider.type != "anthropic":
-        return route_not_found(request)
+        return not_configured(api)
+    provider = snapshot.providers.get(request.match_info["provider"])
+    if provider is None or provider.type != api.type:
+        return route_not_found(api, request)
     return provider
 
 
-async def read_body(services: Services, request: web.Request) -> bytes | web.Response:
-    """The request body, decoded as its ``Content-Encoding`` says; else the error to answer.
+async def read_body(
+    services: Services, request: web.Request, api: ProviderApi
+) -> bytes | web.Response:
+    """The request body, decoded as its ``Content-Encoding`` says; else the error to answer
+    (in ``api``'s shape).
 
     413 past ``max_body_bytes`` (as sent, or once decoded), 400 for a body that is not valid in
     its encoding or breaks HTTP's framing (a bad chunk), 415 for an encoding the gateway does not
@@ -185,7 +130,7 @@ async def read_body(services: Services, request: web.Request) -> bytes | web.Res
     """
     limit = services.max_body_bytes
     if request.content_length is not None and request.content_length > limit:
-        return _too_large(limit)
+        return _too_large(api, limit)
     content = request.content
     chunks: list[bytes] = []
     size = 0
@@ -205,15 +150,15 @@ async def read_body(services: Services, request: web.Request) -> bytes | web.Res
                     async with asyncio.timeout(wait):
                         chunk = await content.readany()
                 except TimeoutError:
-                    return _body_timed_out(services, request)
+                    return _body_timed_out(services, request, api)
                 if not chunk:
                     break
             size += len(chunk)
             if size > limit:
-                return _too_large(limit)
+                return _too_large(api, limit)
             chunks.append(chunk)
     except MALFORMED_BODY as exc:
-        return _body_malformed(request, exc)
+        return _body_malformed(request, exc, api)
     body = chunks[0] if len(chunks) == 1 else b"".join(chunks)
     # Every Content-Encoding line (all are stripped upstream): two lines mean "gzip, zstd".
     codings = request.headers.getall("Content-Encoding", ())
@@ -222,60 +167,60 @@ async def read_body(services: Services, request: web.Request) -> bytes | web.Res
     try:
         return decode_body(body, ", ".join(codings), limit)
     except BodyError as exc:
-        return anthropic_error(exc.status, exc.message, _BODY_ERROR_TYPES.get(exc.status))
+        return error_response(api, exc.status, exc.message)
 
 
-# The statuses read_body answers that the error-type table does not name.
-_BODY_ERROR_TYPES = {415: "invalid_request_error", 408: "timeout_error"}
+def _too_large(api: ProviderApi, limit: int) -> web.Response:
+    return error_response(api, 413, f"request body exceeds the gateway limit of {limit} bytes")
 
 
-def _too_large(limit: int) -> web.Response:
-    return anthropic_error(413, f"request body exceeds the gateway limit of {limit} bytes")
-
-
-def _body_timed_out(services: Services, request: web.Request) -> web.Response:
+def _body_timed_out(services: Services, request: web.Request, api: ProviderApi) -> web.Response:
     # The client is too slow to send its body: answer, then close without reading the rest.
     abandon_body(request)
-    response = anthropic_error(
+    response = error_response(
+        api,
         408,
         f"request body not received in time (at most {services.body_timeout:g} s between reads,"
         f" {services.body_total_timeout:g} s in all)",
-        _BODY_ERROR_TYPES[408],
     )
     response.force_close()
     return response
 
 
-def _body_malformed(request: web.Request, exc: Exception) -> web.Response:
+def _body_malformed(request: web.Request, exc: Exception, api: ProviderApi) -> web.Response:
     # Nothing after a broken chunk can be framed: answer, then close without reading on.
     detail = exc.message if isinstance(exc, HttpProcessingError) else str(exc)
     log.debug("malformed request body: %s", detail.partition("\n")[0][:200])
     abandon_body(request)
-    response = anthropic_error(400, malformed_request_text(detail), "invalid_request_error")
+    response = error_response(api, 400, malformed_request_text(detail))
     response.force_close()
     return response
 
 
-async def messages(services: Services, request: web.Request) -> web.StreamResponse:
-    """``POST /{provider}/v1/messages``: the intercepted Anthropic Messages API."""
+async def intercept(
+    services: Services, dialect: Dialect, request: web.Request
+) -> web.StreamResponse:
+    """``POST /{provider}<dialect.path>``: an intercepted API call (bind ``services`` and the
+    route's ``dialect`` once, at startup)."""
+    api = dialect.provider
     try:
         snapshot = services.state.current
-        provider = _provider_in(snapshot, request)
+        provider = provider_of(snapshot, request, api)
         if isinstance(provider, web.Response):
             return provider
         if request.method != "POST":
-            return method_not_allowed(request)
+            return method_not_allowed(api, request)
         request_headers = request.headers
-        auth = authenticate(request_headers, snapshot, provider, services.byok_header)
+        auth = authenticate(request_headers, snapshot, provider, api.keys, services.byok_header)
         if not isinstance(auth, Authenticated):
-            return anthropic_error(auth.status, auth.message)
-        body = await read_body(services, request)
+            return error_response(api, auth.status, auth.message)
+        body = await read_body(services, request, api)
         if isinstance(body, web.Response):
             return body
         try:
-            parsed = parse_request(body)
+            parsed = dialect.parse_request(body)
         except RequestError as exc:
-            return anthropic_error(exc.status, exc.message)
+            return error_response(api, exc.status, exc.message)
 
         interception_id = new_interception_id()
         client = detect_client(request_headers)
@@ -301,13 +246,14 @@ async def messages(services: Services, request: web.Request) -> web.StreamRespon
             )
         )
         icpt = Interception(
+            dialect,
             interception_id,
             sink,
             services.session_ref[0],
             services.relay,
             services.loop_ref[0],
             # Re-encoded like the passthrough's: a decoded query would lose "%23..." to a fragment.
-            provider.url("/v1/messages", reencode_query(request.rel_url.raw_query_string)),
+            provider.url(dialect.path, reencode_query(request.rel_url.raw_query_string)),
             upstream_request_headers(
                 request_headers,
                 credential,
@@ -318,7 +264,7 @@ async def messages(services: Services, request: web.Request) -> web.StreamRespon
         )
         try:
             tools = (
-                await _tool_loop(services, snapshot, auth, parsed, interception_id)
+                await _tool_loop(services, snapshot, auth, parsed, interception_id, dialect.tools)
                 if services.mcp_pool is not None and snapshot.mcp_servers
                 else None
             )
@@ -327,7 +273,9 @@ async def messages(services: Services, request: web.Request) -> web.StreamRespon
                 body, injected = parsed.body, None
             else:
                 body, injected = orjson.dumps(parsed.parsed), tools.is_injected
-                driver = AgenticLoop(parsed.parsed, services.max_tool_iterations, continuation)
+                driver = AgenticLoop(
+                    parsed.parsed, services.max_tool_iterations, dialect.tools.continuation
+                )
                 runner = LoopRunner(driver, tools, icpt)
             response: web.StreamResponse
             try:
@@ -339,10 +287,10 @@ async def messages(services: Services, request: web.Request) -> web.StreamRespon
                     if resp.status >= 400:
                         response = await icpt.upstream_error(resp)
                     elif parsed.stream and resp.content_type == "text/event-stream":
-                        rewriter = MessagesStream(interception_id, parsed.prompt, injected)
+                        rewriter = dialect.stream(interception_id, parsed.prompt, injected)
                         return await icpt.stream(request, resp, rewriter, runner)
                     else:
-                        turns = BlockingTurns(interception_id, parsed.prompt, injected)
+                        turns = dialect.blocking(interception_id, parsed.prompt, injected)
                         response = await icpt.blocking(resp, turns, runner)
             await icpt.complete()
             return response
@@ -356,7 +304,7 @@ async def messages(services: Services, request: web.Request) -> web.StreamRespon
             icpt.end()
     except Exception as exc:
         # Shaped here, not by a wrapper: the hot route gets no extra coroutine layer.
-        shaped = failure_response(request, exc)
+        shaped = failure_response(api, request, exc)
         if shaped is None:
             raise
         return shaped

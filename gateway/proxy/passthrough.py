@@ -3,23 +3,21 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
 
 from aiohttp import web
 
 from gateway.auth import Authenticated, authenticate
-from gateway.intercept.passthrough_paths import (
-    ANTHROPIC_PASSTHROUGH,
-    ID,
-    reencode_query,
-    upstream_path,
-)
-from gateway.proxy.handlers import (
-    Services,
-    _provider_in,
-    anthropic_error,
-    read_body,
+from gateway.intercept.dialect import ProviderApi
+from gateway.intercept.passthrough_paths import ID, reencode_query, upstream_path
+from gateway.proxy.errors import (
+    error_response,
+    failure_response,
+    method_not_allowed,
     route_not_found,
 )
+from gateway.proxy.handlers import Services, not_configured, read_body
 from gateway.proxy.upstream import (
     SKIP_AUTO_HEADERS,
     relayed_response_headers,
@@ -32,6 +30,7 @@ from gateway.proxy.upstream_failure import (
     stream_broken,
     unreachable,
 )
+from gateway.state import Provider, Snapshot
 
 log = logging.getLogger("aibridged.passthrough")
 
@@ -39,33 +38,94 @@ log = logging.getLogger("aibridged.passthrough")
 _BODY_HEADERS = ("Content-Type", "Content-Encoding")
 
 
-def passthrough_routes() -> dict[str, list[str]]:
-    """The allow-list as router patterns grouped by path, in order: ``{path: [methods]}``.
+@dataclass(frozen=True, slots=True)
+class PassthroughPath:
+    """One router path of the allow-lists, and the provider types that list it."""
+
+    methods: tuple[str, ...]
+    # By provider type: whose allow-list decides, and whose shape its errors take.
+    apis: Mapping[str, ProviderApi]
+    # The shape of errors when the path names no provider of those types (the first that
+    # listed it).
+    default: ProviderApi
+
+
+def passthrough_routes(apis: Iterable[ProviderApi]) -> dict[str, PassthroughPath]:
+    """Every provider type's allow-list as router patterns, in order: ``{path: PassthroughPath}``.
 
     The router only dispatches (an id route takes any rest of the path, so other methods get
-    405); :func:`upstream_path` decides on the raw path what is allowed.
+    405); :func:`upstream_path` decides on the raw path what the provider's type allows.
     """
-    routes: dict[str, list[str]] = {}
-    for method, route in ANTHROPIC_PASSTHROUGH:
-        path = "/" + "/".join("{rest:.+}" if s is ID else s for s in route)
-        routes.setdefault(path, []).append(method)
-    return routes
+    methods: dict[str, list[str]] = {}
+    by_path: dict[str, dict[str, ProviderApi]] = {}
+    for api in apis:
+        for method, route in api.passthrough:
+            path = "/" + "/".join("{rest:.+}" if s is ID else s for s in route)
+            listed = methods.setdefault(path, [])
+            if method not in listed:
+                listed.append(method)
+            by_path.setdefault(path, {}).setdefault(api.type, api)
+    return {
+        path: PassthroughPath(tuple(methods[path]), types, next(iter(types.values())))
+        for path, types in by_path.items()
+    }
 
 
-async def passthrough(services: Services, request: web.Request) -> web.StreamResponse:
+def _provider_of(
+    snapshot: Snapshot, request: web.Request, path: PassthroughPath
+) -> tuple[Provider, ProviderApi] | web.Response:
+    """The provider the path names and its type's API, if that type lists the path; else the
+    answer (503, 404)."""
+    if not snapshot.configured:
+        return not_configured(path.default)
+    provider = snapshot.providers.get(request.match_info["provider"])
+    api = path.apis.get(provider.type) if provider is not None else None
+    if provider is None or api is None:
+        return route_not_found(path.default, request)
+    return provider, api
+
+
+async def wrong_passthrough_method(
+    services: Services, path: PassthroughPath, request: web.Request
+) -> web.Response:
+    """The 405 for a method ``path`` does not serve, in the shape of the provider it names."""
+    found = _provider_of(services.state.current, request, path)
+    api = path.default if isinstance(found, web.Response) else found[1]
+    return method_not_allowed(api, request)
+
+
+async def passthrough(
+    services: Services, path: PassthroughPath, request: web.Request
+) -> web.StreamResponse:
     """Relay one allow-listed request upstream with the provider credential injected."""
-    provider = _provider_in(services.state.current, request)
-    if isinstance(provider, web.Response):
-        return provider
+    api = path.default
+    try:
+        found = _provider_of(services.state.current, request, path)
+        if isinstance(found, web.Response):
+            return found
+        provider, api = found
+        return await _relay(services, request, provider, api)
+    except Exception as exc:
+        shaped = failure_response(api, request, exc)
+        if shaped is None:
+            raise
+        return shaped
+
+
+async def _relay(
+    services: Services, request: web.Request, provider: Provider, api: ProviderApi
+) -> web.StreamResponse:
     # The raw path (never normalised, still percent-encoded): "/{provider}/v1/...".
     raw_path = request.rel_url.raw_path
-    path = upstream_path(request.method, raw_path[raw_path.find("/", 1) :])
+    path = upstream_path(api.passthrough, request.method, raw_path[raw_path.find("/", 1) :])
     if path is None:
-        return route_not_found(request)
-    auth = authenticate(request.headers, services.state.current, provider, services.byok_header)
+        return route_not_found(api, request)
+    auth = authenticate(
+        request.headers, services.state.current, provider, api.keys, services.byok_header
+    )
     if not isinstance(auth, Authenticated):
-        return anthropic_error(auth.status, auth.message)
-    body = await read_body(services, request)
+        return error_response(api, auth.status, auth.message)
+    body = await read_body(services, request, api)
     if isinstance(body, web.Response):
         return body
     headers = upstream_request_headers(request.headers, auth.credential, services.stripped_headers)
@@ -82,11 +142,11 @@ async def passthrough(services: Services, request: web.Request) -> web.StreamRes
             skip_auto_headers=SKIP_AUTO_HEADERS,
         )
     except UPSTREAM_ERRORS as exc:
-        return _failed(request, path, unreachable(exc))
+        return _failed(api, request, path, unreachable(exc))
     async with resp:
         # 304 answers the client's own conditional GET: it points nowhere.
         if 300 <= resp.status < 400 and resp.status != 304:
-            return _failed(request, path, redirected(resp.status))
+            return _failed(api, request, path, redirected(resp.status))
         out_headers = relayed_response_headers(resp.headers)
         for name in _BODY_HEADERS:
             if name in resp.headers:
@@ -118,7 +178,9 @@ def _log(request: web.Request, path: str, failure: UpstreamFailure) -> None:
     )
 
 
-def _failed(request: web.Request, path: str, failure: UpstreamFailure) -> web.Response:
+def _failed(
+    api: ProviderApi, request: web.Request, path: str, failure: UpstreamFailure
+) -> web.Response:
     """Log ``failure`` and answer it before anything was sent to the client."""
     _log(request, path, failure)
-    return anthropic_error(failure.status, failure.client_message)
+    return error_response(api, failure.status, failure.client_message)

@@ -3,7 +3,8 @@
 Upstream failures mean what ``upstream_failure`` says; this module turns them into the client's
 response or in-stream error event, so every path ends the interception with exactly one
 ``InterceptionEnded`` record. With injected tools it carries out, turn after turn, what the
-pure loop driver (``gateway.intercept.loop``) decides.
+pure loop driver (``gateway.intercept.loop``) decides. It knows the API only through the
+interception's ``Dialect``: its rewriters, error shapes, keep-alive and terminal event.
 """
 
 from __future__ import annotations
@@ -18,11 +19,11 @@ import aiohttp
 from aiohttp import web
 from multidict import CIMultiDict
 
-from gateway.intercept.errors import anthropic_error_body, anthropic_error_event, parse_error_body
+from gateway.intercept.dialect import Dialect
+from gateway.intercept.errors import parse_error_body
 from gateway.intercept.loop import Finish, TurnEnded, UpstreamRefused
-from gateway.intercept.messages.blocking import BlockingTurns
 from gateway.intercept.outcome import Outcome
-from gateway.intercept.rewriter import StreamRewriter
+from gateway.intercept.rewriter import BlockingRewriter, StreamRewriter
 from gateway.ports import UsageSink
 from gateway.proxy.client_writer import CLIENT_GONE, ClientWriter, OnClientLeft, OpenStreams
 from gateway.proxy.loop_runner import LoopRunner, client_present
@@ -36,15 +37,13 @@ from gateway.proxy.upstream_failure import (
     stream_broken,
 )
 from gateway.records import InterceptionEnded
-from gateway.sse import FrameTooLarge, SSEFramer, encode
+from gateway.sse import FrameTooLarge, SSEFramer
 
 log = logging.getLogger("aibridged.relay")
 
 # Set on every relayed stream (never relayed from upstream: see ``relayed_header_items``).
 _STREAM_HEADERS = (("Cache-Control", "no-cache"), ("X-Accel-Buffering", "no"))
 
-# A stream that ends without message_stop is not a message: the client must not take it for one.
-_INCOMPLETE = "upstream stream ended before message_stop: the response is incomplete"
 _SHUTDOWN = "the gateway is shutting down: the stream was ended before it completed"
 
 
@@ -67,6 +66,7 @@ class Interception:
 
     def __init__(
         self,
+        dialect: Dialect,
         interception_id: str,
         sink: UsageSink,
         session: aiohttp.ClientSession,
@@ -78,6 +78,7 @@ class Interception:
     ) -> None:
         """``url``, ``headers`` and ``max_retries``: where this interception's upstream calls go
         (the first and every continuation)."""
+        self.dialect = dialect
         self.id = interception_id
         self.sink = sink
         self.session = session
@@ -136,9 +137,10 @@ class Interception:
 
     def unreachable(self, exc: BaseException, started: bool = False) -> web.Response:
         """The upstream call failed before a response could be relayed (no connection, a reset,
-        a redirect; ``started``: its body broke): 502 in Anthropic's shape, naming no address."""
+        a redirect; ``started``: its body broke): 502 in the provider's shape, naming no
+        address."""
         failure = self.upstream_failed(exc, started)
-        return _json(failure.status, anthropic_error_body(failure.status, failure.client_message))
+        return self._error(failure.status, failure.client_message)
 
     async def upstream_error(self, resp: aiohttp.ClientResponse) -> web.Response:
         """Relay an upstream error response with its status and body."""
@@ -159,7 +161,10 @@ class Interception:
         return refused
 
     async def blocking(
-        self, resp: aiohttp.ClientResponse, turns: BlockingTurns, runner: LoopRunner | None = None
+        self,
+        resp: aiohttp.ClientResponse,
+        turns: BlockingRewriter,
+        runner: LoopRunner | None = None,
     ) -> web.Response:
         """A JSON response: record it, run injected tools while the loop goes on, answer."""
         first = resp
@@ -180,13 +185,13 @@ class Interception:
                         "upstream 200 response is not a message",
                         extra={"interception_id": self.id, "content_type": resp.content_type},
                     )
-                    return _json(502, anthropic_error_body(502, result.error))
+                    return self._error(502, result.error)
                 if runner is None:
                     break
                 following = await runner.advance(TurnEnded(result.turn), client_present)
                 if isinstance(following, Finish):
                     if following.error_type:
-                        return _error_response(following)
+                        return self._loop_failed(following)
                     break
                 if resp is not first:
                     resp.release()
@@ -219,7 +224,8 @@ class Interception:
         left = OnClientLeft(
             resp, options.on_client_disconnect, options.disconnect_drain_timeout, loop
         )
-        writer = ClientWriter(out, options.ping_interval, left, loop)
+        dialect = self.dialect
+        writer = ClientWriter(out, options.ping_interval, left, loop, dialect.keepalive)
         try:
             await out.prepare(request)
         except CLIENT_GONE:
@@ -248,7 +254,7 @@ class Interception:
                 )
                 if isinstance(following, Finish):
                     if following.error_type:
-                        ending = _error_event(following)
+                        ending = self._loop_failed_event(following)
                     break
                 rewriter.next_turn()
                 if current is not resp:
@@ -263,21 +269,21 @@ class Interception:
                 self.outcome.fail(
                     "shutdown", "the stream was still open when shutdown_grace ran out"
                 )
-                ending = anthropic_error_event(_SHUTDOWN, "overloaded_error")
+                ending = dialect.error_event(503, _SHUTDOWN)
         except UPSTREAM_ERRORS as exc:
             if not writer.gone and not rewriter.stop_relayed:
                 failure = self.upstream_failed(exc, started=True)
-                ending = anthropic_error_event(failure.client_message)
+                ending = dialect.error_event(failure.status, failure.client_message)
         except FrameTooLarge as exc:
             if not rewriter.stop_relayed:
                 self.outcome.fail("upstream_frame_too_large", str(exc))
-                ending = anthropic_error_event(str(exc))
+                ending = dialect.error_event(502, str(exc))
         except Exception as exc:
             # The stream has started: a gateway fault can only be reported in-stream.
             log.exception("relay failed", extra={"interception_id": self.id})
             if not rewriter.stop_relayed:
                 self.outcome.fail("gateway_error", type(exc).__name__)
-                ending = anthropic_error_event("internal gateway error")
+                ending = dialect.error_event(500, "internal gateway error")
         finally:
             streams.discard(task)
             if current is not resp:
@@ -291,18 +297,35 @@ class Interception:
         if rewriter.error is not None:
             self.outcome.fail(rewriter.error.type, rewriter.error.message)
         elif not rewriter.stop_relayed and not writer.gone and self.outcome.status == "completed":
-            # Found once, here, not per chunk: the body ended (maybe mid-event) with no
-            # message_stop, and nothing told the client yet.
-            log.warning(
-                "upstream stream ended before message_stop", extra={"interception_id": self.id}
-            )
-            self.outcome.fail("incomplete_stream", "upstream stream ended before message_stop")
-            ending = anthropic_error_event(_INCOMPLETE)
+            # Found once, here, not per chunk: the body ended (maybe mid-event) with no terminal
+            # event, and nothing told the client yet. Such a stream is no whole response: the
+            # client must not take it for one.
+            lacking = f"upstream stream ended before {dialect.terminal_event}"
+            log.warning(lacking, extra={"interception_id": self.id})
+            self.outcome.fail("incomplete_stream", lacking)
+            ending = dialect.error_event(502, lacking + ": the response is incomplete")
         if writer.gone:
             self.outcome.status = "client_disconnected"
         await self.complete()
         await writer.close(self._held + ending)
         return out
+
+    def _error(self, status: int, message: str) -> web.Response:
+        """A gateway-made error response, in the provider's shape."""
+        body = self.dialect.provider.error_body(status, message)
+        return web.Response(status=status, body=body, content_type="application/json")
+
+    def _loop_failed(self, end: Finish) -> web.Response:
+        """The answer of a blocking request whose loop failed: the provider's, else ours."""
+        if end.refused is not None:
+            return _refused_response(end.refused)
+        return self._error(end.status, end.message)
+
+    def _loop_failed_event(self, end: Finish) -> bytes:
+        """The event ending a stream whose loop failed: the provider's error body, else ours."""
+        if end.refused is not None:
+            return self.dialect.relayed_error_event(end.refused.body)
+        return self.dialect.error_event(end.status, end.message)
 
     async def _pump(
         self,
@@ -327,7 +350,7 @@ class Interception:
                 for record in rewriter.take_records():
                     self.sink.submit(record)
                 if rewriter.stop_relayed or tail:
-                    # The terminal event (message_stop) goes out with the end of the body, once
+                    # The terminal event goes out with the end of the body, once
                     # the interception's records are durable.
                     tail += data
                 elif data:
@@ -335,23 +358,6 @@ class Interception:
         finally:
             # Kept when the upstream breaks after the terminal event: the response is whole.
             self._held = tail
-
-
-def _json(status: int, body: bytes) -> web.Response:
-    return web.Response(status=status, body=body, content_type="application/json")
-
-
-def _error_event(end: Finish) -> bytes:
-    """The event ending a stream whose loop failed: the provider's error body, else ours."""
-    refused = end.refused
-    return encode("error", refused.body) if refused else anthropic_error_event(end.message)
-
-
-def _error_response(end: Finish) -> web.Response:
-    """The answer of a blocking request whose loop failed: the provider's, else ours."""
-    if end.refused is not None:
-        return _refused_response(end.refused)
-    return _json(end.status, anthropic_error_body(end.status, end.message))
 
 
 def _refused_response(refused: UpstreamRefused) -> web.Response:

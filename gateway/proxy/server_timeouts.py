@@ -36,7 +36,7 @@ from aiohttp.web_protocol import RequestHandler, RequestPayloadError, _ErrInfo
 from aiohttp.web_request import BaseRequest
 from aiohttp.web_server import Server
 
-from gateway.intercept.errors import anthropic_error_body
+from gateway.intercept.dialects import UNROUTED
 
 log = logging.getLogger("aibridged.server")
 
@@ -123,7 +123,8 @@ class TimedRequestHandler(RequestHandler):
         exc: BaseException | None = None,
         message: str | None = None,
     ) -> web.StreamResponse:
-        """What aiohttp answers by itself (a request it cannot parse): the provider's error shape.
+        """What aiohttp answers by itself (a request it cannot parse): an error in the shape of
+        unrouted requests (``UNROUTED``: no route is known yet).
 
         aiohttp would answer in plain text and log a traceback, which any client can cause on
         every connection; a malformed request is logged at debug level instead. A 500 here is a
@@ -141,11 +142,8 @@ class TimedRequestHandler(RequestHandler):
         else:
             log.debug("malformed request", exc_info=exc)
             text = malformed_request_text(message)
-        error_type = "invalid_request_error" if status < 500 else None
         response = web.Response(
-            status=status,
-            body=anthropic_error_body(status, text, error_type),
-            content_type="application/json",
+            status=status, body=UNROUTED.error_body(status, text), content_type="application/json"
         )
         response.force_close()
         return response

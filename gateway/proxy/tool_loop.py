@@ -1,8 +1,9 @@
 """Injected MCP tools of one interception: which tools, injecting them, running the calls.
 
-The MCP I/O around the pure pieces: ``gateway.tools`` names, filters and converts; the stream and
-blocking rewriters decide when the model called an injected tool; ``gateway.intercept.loop``
-decides what happens next. This module lists the pool's tools, awaits the calls and records each.
+The MCP I/O around the pure pieces: ``gateway.tools`` names and filters; the dialect's
+``ToolShapes`` define the tools and shape their results; its stream and blocking rewriters decide
+when the model called an injected tool; ``gateway.intercept.loop`` decides what happens next. This
+module lists the pool's tools, awaits the calls and records each.
 """
 
 from __future__ import annotations
@@ -16,14 +17,13 @@ from typing import Any
 
 import orjson
 
-from gateway.intercept.messages.turn import ToolCall
+from gateway.intercept.dialect import ToolShapes
+from gateway.intercept.rewriter import ToolCall
 from gateway.ports import UsageSink
 from gateway.records import ToolUsage
 from gateway.state import McpServer, Snapshot
 from gateway.tools.mcp_pool import McpCallError, McpPool
 from gateway.tools.naming import ToolCatalog, ToolRef, allowed
-from gateway.tools.results import anthropic_tool_error, anthropic_tool_result
-from gateway.tools.schema import anthropic_tool, inject_anthropic_tools
 
 log = logging.getLogger("aibridged.tools")
 
@@ -38,12 +38,14 @@ class ToolLoop:
         catalog: ToolCatalog,
         interception_id: str,
         sink: UsageSink,
+        shapes: ToolShapes,
     ) -> None:
         self.pool = pool
         self.actor_id = actor_id
         self.catalog = catalog
         self.interception_id = interception_id
         self.sink = sink
+        self.shapes = shapes
 
     @classmethod
     async def prepare(
@@ -53,6 +55,7 @@ class ToolLoop:
         actor_id: str,
         interception_id: str,
         sink: UsageSink,
+        shapes: ToolShapes,
     ) -> ToolLoop | None:
         """List the actor's tools (servers that are down are left out); None when there are none."""
         if not snapshot.mcp_servers:
@@ -71,13 +74,14 @@ class ToolLoop:
             )
         if not refs:
             return None
-        return cls(pool, actor_id, ToolCatalog(refs.values()), interception_id, sink)
+        return cls(pool, actor_id, ToolCatalog(refs.values()), interception_id, sink, shapes)
 
     def inject(self, body: dict[str, Any]) -> bool:
         """Add the tools to the request; False (request untouched) when its shape forbids it."""
-        tools = [anthropic_tool(tool_id, ref) for tool_id, ref in self.catalog.tools]
+        shapes = self.shapes
+        tools = [shapes.definition(tool_id, ref) for tool_id, ref in self.catalog.tools]
         try:
-            inject_anthropic_tools(body, tools)
+            shapes.inject(body, tools)
         except ValueError as exc:
             log.warning(
                 "tools not injected: %s", exc, extra={"interception_id": self.interception_id}
@@ -90,22 +94,22 @@ class ToolLoop:
         return self.catalog.lookup(name) is not None
 
     async def run(self, calls: Sequence[ToolCall]) -> list[dict[str, Any]]:
-        """Run the calls concurrently; one ``tool_result`` block per call, in call order."""
+        """Run the calls concurrently; one result item per call, in call order."""
         return list(await asyncio.gather(*(self._run_one(call) for call in calls)))
 
     async def _run_one(self, call: ToolCall) -> dict[str, Any]:
         ref = self.catalog.lookup(call.name)
         if ref is None:  # the rewriters only report catalogued names; defensive
-            return anthropic_tool_error(call.tool_use_id, f"tool {call.name} not found")
+            return self.shapes.error(call.tool_use_id, f"tool {call.name} not found")
         started = time.perf_counter()
         error = ""
         try:
             result = await self.pool.call(self.actor_id, ref.server_id, ref.name, call.input)
         except McpCallError as exc:
             error = str(exc) or type(exc).__name__
-            block = anthropic_tool_error(call.tool_use_id, error)
+            block = self.shapes.error(call.tool_use_id, error)
         else:
-            block = anthropic_tool_result(call.tool_use_id, result.content, result.is_error)
+            block = self.shapes.result(call.tool_use_id, result.content, result.is_error)
             if result.is_error:
                 error = _error_text(result.content)
         log.log(

@@ -29,8 +29,7 @@ from gateway.intercept.loop import (
 from gateway.intercept.messages.blocking import BlockingTurns
 from gateway.intercept.messages.stream import MessagesStream
 from gateway.intercept.messages.tools import continuation
-from gateway.intercept.messages.turn import ToolCall
-from gateway.intercept.rewriter import TurnResult
+from gateway.intercept.rewriter import ToolCall, TurnResult
 from gateway.sse import SSEFramer
 from gateway.testing import load_txtar, split_events
 from tests.conftest import FIXTURES

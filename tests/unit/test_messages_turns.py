@@ -14,7 +14,7 @@ import orjson
 import pytest
 
 from gateway.intercept.messages.stream import MessagesStream
-from gateway.intercept.messages.turn import ToolCall
+from gateway.intercept.rewriter import ToolCall
 from gateway.records import ModelThought, Record, TokenUsage, ToolUsage
 from gateway.sse import SSEFramer
 

@@ -8,6 +8,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+from gateway.intercept.messages.dialect import PASSTHROUGH
 from gateway.intercept.passthrough_paths import reencode_query, upstream_path
 
 ALLOWED = [
@@ -25,7 +26,7 @@ ALLOWED = [
 
 @pytest.mark.parametrize(("method", "raw", "upstream"), ALLOWED)
 def test_allowed_paths(method: str, raw: str, upstream: str) -> None:
-    assert upstream_path(method, raw) == upstream
+    assert upstream_path(PASSTHROUGH, method, raw) == upstream
 
 
 REFUSED = [
@@ -102,8 +103,8 @@ REFUSED = [
 
 @pytest.mark.parametrize("raw", REFUSED)
 def test_refused_paths(raw: str) -> None:
-    assert upstream_path("GET", raw) is None
-    assert upstream_path("POST", raw) is None
+    assert upstream_path(PASSTHROUGH, "GET", raw) is None
+    assert upstream_path(PASSTHROUGH, "POST", raw) is None
 
 
 @pytest.mark.parametrize(
@@ -116,14 +117,14 @@ def test_refused_paths(raw: str) -> None:
     ],
 )
 def test_methods_are_part_of_the_allow_list(method: str, raw: str) -> None:
-    assert upstream_path(method, raw) is None
+    assert upstream_path(PASSTHROUGH, method, raw) is None
 
 
 @given(st.text(max_size=60))
 def test_an_allowed_path_is_one_of_the_routes(tail: str) -> None:
     """Whatever the client sends, the upstream path is a listed route with one plain id."""
     for raw in (f"/v1/models/{tail}", f"/v1/{tail}", f"/{tail}"):
-        got = upstream_path("GET", raw)
+        got = upstream_path(PASSTHROUGH, "GET", raw)
         if got is None:
             continue
         segments = got.split("/")

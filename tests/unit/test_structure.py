@@ -3,6 +3,9 @@
 - Pure modules (``gateway/intercept/``, ``gateway/sse/``, ``gateway/tools/{naming,schema,
   results}.py``) import no I/O package: not at the top, not inside a function, not under
   ``if TYPE_CHECKING:``. They are the sans-IO core, tested with bytes and dicts alone.
+- The shell talks to dialects through ``gateway.intercept.dialect`` only: no module outside a
+  dialect's folder imports from it except the registry (``gateway.intercept.dialects``), and no
+  module of ``gateway/proxy/`` at all.
 - No two project modules (``gateway/``, ``control/``; the generated ``control/v1`` aside) import
   each other, directly or round a longer cycle, counting every import statement wherever it
   stands: a cycle held by a function-level or TYPE_CHECKING import is still two modules that
@@ -120,6 +123,49 @@ def test_pure_module_imports_no_io(module: str) -> None:
         if not i.project and i.target.split(".")[0] in IO_PACKAGES
     ]
     assert not bad, "pure modules must not import I/O packages: " + "; ".join(bad)
+
+
+# Each dialect's folder, and the one module outside them that may import one.
+DIALECT_PACKAGES = ("gateway.intercept.messages",)
+REGISTRY = "gateway.intercept.dialects"
+
+
+def _in(module: str, package: str) -> bool:
+    return module == package or module.startswith(package + ".")
+
+
+def test_the_dialect_packages_exist() -> None:
+    """The rules below check something: the dialects, registry and shell are where they say."""
+    assert all(p in MODULES for p in DIALECT_PACKAGES)
+    assert REGISTRY in MODULES
+    assert "gateway.proxy.relay" in _shell_modules()
+
+
+@pytest.mark.parametrize("package", DIALECT_PACKAGES)
+def test_only_the_registry_imports_a_dialect(package: str) -> None:
+    bad = [
+        f"{MODULES[module].relative_to(ROOT)}:{i.line} imports {i.target}"
+        for module in sorted(MODULES)
+        if not _in(module, package) and module != REGISTRY
+        for i in _imports(module)
+        if i.project and _in(i.target, package)
+    ]
+    assert not bad, "only the registry may import a dialect's modules: " + "; ".join(bad)
+
+
+def _shell_modules() -> list[str]:
+    return sorted(m for m in MODULES if _in(m, "gateway.proxy"))
+
+
+@pytest.mark.parametrize("module", _shell_modules())
+def test_the_shell_imports_no_dialect(module: str) -> None:
+    """``gateway/proxy/`` holds a route's ``Dialect`` and never looks behind it."""
+    bad = [
+        f"{MODULES[module].relative_to(ROOT)}:{i.line} imports {i.target}"
+        for i in _imports(module)
+        if i.project and any(_in(i.target, p) for p in DIALECT_PACKAGES)
+    ]
+    assert not bad, "the shell must go through the Dialect: " + "; ".join(bad)
 
 
 def _graph() -> dict[str, dict[str, int]]:

@@ -1,1 +1,4 @@
-"""Anthropic Messages API: request parsing, stream rewriting, blocking responses (pure)."""
+"""Anthropic Messages API: request parsing, stream rewriting, blocking responses (pure).
+
+The shell sees it only as ``dialect.MESSAGES``, registered in ``gateway.intercept.dialects``.
+"""

@@ -9,9 +9,9 @@ from typing import Any
 import orjson
 
 from gateway.intercept.messages.rewrite_id import replace_id
-from gateway.intercept.messages.turn import ToolCall, not_run_reason
+from gateway.intercept.messages.turn import not_run_reason
 from gateway.intercept.messages.usage import MessageUsage
-from gateway.intercept.rewriter import TurnResult
+from gateway.intercept.rewriter import ToolCall, TurnResult
 from gateway.records import ModelThought, PromptUsage, Record, ToolUsage
 
 

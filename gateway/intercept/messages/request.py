@@ -12,14 +12,8 @@ from typing import Any
 
 import orjson
 
-
-class RequestError(Exception):
-    """The client sent a body the gateway refuses; carries the HTTP status and a clear message."""
-
-    def __init__(self, status: int, message: str) -> None:
-        super().__init__(message)
-        self.status = status
-        self.message = message
+# Raised by every dialect's parser (the shell catches it): re-exported for this one's callers.
+from gateway.intercept.dialect import RequestError as RequestError
 
 
 @dataclass(slots=True)  # not frozen: built on every request (see gateway.records)

@@ -1,9 +1,11 @@
-"""What a Messages turn ended with, shared by the stream and blocking rewriters (pure)."""
+"""What a Messages turn ended with, shared by the stream and blocking rewriters (pure).
+
+The calls themselves are every dialect's ``gateway.intercept.rewriter.ToolCall``.
+"""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
 
 
 @dataclass(slots=True)
@@ -12,16 +14,6 @@ class StreamError:
 
     type: str
     message: str
-
-
-@dataclass(frozen=True, slots=True)
-class ToolCall:
-    """An injected tool the model called in a turn."""
-
-    tool_use_id: str
-    name: str
-    input: dict[str, Any]
-    msg_id: str
 
 
 def not_run_reason(client_tool: bool, stop_reason: str) -> str:

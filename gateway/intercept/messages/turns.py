@@ -22,8 +22,8 @@ from typing import Any
 import orjson
 
 from gateway.intercept.messages.accumulate import TurnAccumulator
-from gateway.intercept.messages.turn import ToolCall
 from gateway.intercept.messages.usage import MessageUsage
+from gateway.intercept.rewriter import ToolCall
 from gateway.sse import Frame, encode
 
 
