@@ -21,7 +21,7 @@ from control.convert import (
 from control.spool import Spool
 from control.usage_stream import stream_usage
 from control.v1 import control_pb2, control_pb2_grpc
-from gateway.metrics import CONTROL_PUSHES
+from gateway.metrics import CONTROL_LAST_PUSH, CONTROL_PUSHES
 from gateway.state import StaleVersion, StateHolder
 
 log = logging.getLogger("aibridged.control")
@@ -159,5 +159,6 @@ class ControlServicer(control_pb2_grpc.ControlServiceServicer):
             CONTROL_PUSHES.labels(kind, "stale").inc()
             await context.abort(grpc.StatusCode.FAILED_PRECONDITION, str(exc))
         CONTROL_PUSHES.labels(kind, "applied").inc()
+        CONTROL_LAST_PUSH.labels(kind).set(time.time())
         log.info("state applied", extra={"kind": kind, "version": version})
         self._on_change()

@@ -29,6 +29,7 @@ import orjson
 
 from control.journal import Journal
 from control.record_json import sanitised_json
+from control.spool_backlog import Backlog
 from control.spool_file import SpooledRecord
 from control.spool_lock import lock_spool
 from control.spool_reader import SpoolReader, SpoolReads
@@ -91,6 +92,7 @@ class Spool(SpoolWriter, SpoolReads):
         # The lock's descriptor, and the reads (a connection and thread of their own).
         self._lock: int | None = None
         self._reader: SpoolReader | None = None
+        self._backlog = Backlog()
         # Shared with the writer thread (control.spool_writer). Waking the thread is one lock
         # release, and only when a flag says it is asleep.
         self._init_writer(linger, max_records, max_age)
@@ -131,6 +133,7 @@ class Spool(SpoolWriter, SpoolReads):
         self._running = True
         self._thread.start()
         try:
+            await self._mark_start()
             if got.left_open:
                 for record in interrupted(got.left_open):
                     self.submit(record)
@@ -143,6 +146,20 @@ class Spool(SpoolWriter, SpoolReads):
             # The caller gets no spool to close: stop the writer and release the lock here.
             await self.close()
             raise
+
+    async def _mark_start(self) -> None:
+        """The backlog the file holds at start (one query, before serving)."""
+        depth, oldest = await self._reads().stats(self.acked_through)
+        self._backlog.start(self.acked_through, self.high_watermark, depth, oldest, time.time())
+
+    def backlog(self) -> tuple[int, float | None]:
+        """``(records not acknowledged nor dropped, time.time() the oldest was spooled)``, the
+        time None when there are none: from memory, from any thread (the metrics).
+
+        Records submitted but not committed yet count. The time is a lower bound, at most
+        ``spool_backlog.MARK_EVERY`` (or a stalled write) before the truth.
+        """
+        return self._backlog.read(self._seq_base + self._submitted, self.acked_through)
 
     def submit(self, record: Record) -> None:
         """Queue one record for the next batch; never blocks, never raises."""
@@ -292,6 +309,7 @@ class Spool(SpoolWriter, SpoolReads):
         if through <= previous:
             return 0
         self.acked_through = through
+        self._backlog.moved(through)
         self._notify("_acked_event")
         # Counted before the writer may delete them.
         removed = await reader.count_between(previous, through)
@@ -330,6 +348,7 @@ class Spool(SpoolWriter, SpoolReads):
             self._journal_full_logged = False
             log.warning("usage spool writes again: responses wait for their records again")
         self._written += count
+        self._backlog.mark(self._seq_base + self._submitted, time.time())
         if high > self.high_watermark:
             self.high_watermark = high
             SPOOL_HIGH_WATERMARK.set(high)
@@ -377,7 +396,9 @@ class Spool(SpoolWriter, SpoolReads):
         for _, future in waiters:
             _resolve(future, None)
 
-    def _trimmed(self, by_count: int, by_age: int) -> None:
+    def _trimmed(self, by_count: int, by_age: int, through: int) -> None:
+        if through:
+            self._backlog.moved(self.acked_through, through)
         for reason, count in (("spool_max_records", by_count), ("spool_max_age", by_age)):
             if count:
                 self.dropped += count

@@ -267,14 +267,16 @@ class SpoolFile:
             _follow_interceptions(payload[1:-1].split(b",\n"), open_, ended)
         return list(open_)
 
-    def trim(self, now: float, max_age: float, max_records: int) -> tuple[int, int]:
-        """Enforce the spool bounds; returns (dropped by count, dropped by age)."""
+    def trim(self, now: float, max_age: float, max_records: int) -> tuple[int, int, int]:
+        """Enforce the spool bounds; returns (dropped by count, dropped by age, the highest
+        sequence number of the records dropped or 0)."""
         with self._db:
             self._db.execute("BEGIN")
             old = self._db.execute(
                 "SELECT seq, count FROM records WHERE created_at < ?", (now - max_age,)
             ).fetchall()
             by_age = sum(self._unacked(s, c) for s, c in old)
+            through = max((s + c - 1 for s, c in old), default=0)
             self._db.execute("DELETE FROM records WHERE created_at < ?", (now - max_age,))
             excess = self.stats()[0] - max_records
             by_count = 0
@@ -283,12 +285,13 @@ class SpoolFile:
                 for s, c in self._db.execute("SELECT seq, count FROM records ORDER BY seq"):
                     by_count += self._unacked(s, c)
                     last = s
+                    through = max(through, s + c - 1)
                     if by_count >= excess:
                         break
                 self._db.execute("DELETE FROM records WHERE seq <= ?", (last,))
             if by_age or by_count:
                 self._keep_high_watermark()
-        return by_count, by_age
+        return by_count, by_age, through if by_age or by_count else 0
 
 
 def owner_only(path: Path) -> None:

@@ -11,7 +11,6 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from control.spool_file import SpooledRecord, SpoolFile
-from gateway.metrics import SPOOL_RECORDS
 
 
 class SpoolReader:
@@ -60,9 +59,7 @@ class SpoolReads:
 
     async def stats(self) -> tuple[int, float | None]:
         """``(records in the spool, created_at of the oldest)``."""
-        depth, oldest = await self._reads().stats(self.acked_through)
-        SPOOL_RECORDS.set(depth)
-        return depth, oldest
+        return await self._reads().stats(self.acked_through)
 
     def _reads(self) -> SpoolReader:
         if self._reader is None:

@@ -80,7 +80,7 @@ class SpoolWriter:
     def _degrade(self, reason: str, detail: str) -> None:
         raise NotImplementedError
 
-    def _trimmed(self, by_count: int, by_age: int) -> None:
+    def _trimmed(self, by_count: int, by_age: int, through: int) -> None:
         raise NotImplementedError
 
     def _wake(self) -> None:

@@ -98,50 +98,185 @@ class Settings(BaseSettings):
 
     model_config = SettingsConfigDict(env_prefix="AIBRIDGED_", extra="forbid")
 
-    listen: str = "127.0.0.1:8080"
-    control_listen: str = "127.0.0.1:8081"
-    metrics_listen: str = "127.0.0.1:2112"
-    spool_path: Path = Path("aibridged.db")
-    max_body_bytes: int = Field(default=32 * 1024 * 1024, gt=0)
+    listen: str = Field(
+        default="127.0.0.1:8080", description="data plane address: HOST:PORT or unix:/path"
+    )
+    control_listen: str = Field(
+        default="127.0.0.1:8081", description="gRPC control plane address: HOST:PORT or unix:/path"
+    )
+    metrics_listen: str = Field(
+        default="127.0.0.1:2112",
+        description="Prometheus GET /metrics address: HOST:PORT or unix:/path",
+    )
+    spool_path: Path = Field(
+        default=Path("aibridged.db"),
+        description="SQLite spool holding every usage record until the host acknowledges it",
+    )
+    max_body_bytes: int = Field(
+        default=32 * 1024 * 1024,
+        gt=0,
+        description="larger request bodies, as sent or once decoded, get 413",
+    )
     # Slow or idle clients (slowloris): a connection must send a request's headers within
     # client_header_timeout of its first byte (of opening, for a new connection), the body with no
     # gap between reads longer than client_body_timeout, and is closed after
     # client_keepalive_timeout idle between requests (above a load balancer's own idle timeout).
-    client_header_timeout: float = Field(default=10.0, gt=0)
-    client_body_timeout: float = Field(default=60.0, gt=0)
+    client_header_timeout: float = Field(
+        default=10.0, gt=0, description="seconds a connection has to send a request's headers"
+    )
+    client_body_timeout: float = Field(
+        default=60.0,
+        gt=0,
+        description="seconds a client may pause between two reads of a request body (then 408)",
+    )
     # A whole body, however steady its trickle: without it a byte a minute holds a connection
     # (and a descriptor) for weeks.
-    client_body_total_timeout: float = Field(default=300.0, gt=0)
-    client_keepalive_timeout: float = Field(default=75.0, gt=0)
-    ping_interval: float = Field(default=10.0, gt=0)
-    shutdown_grace: float = Field(default=30.0, ge=0)
-    upstream_connect_timeout: float = Field(default=10.0, gt=0)
-    upstream_idle_timeout: float = Field(default=600.0, gt=0)
-    on_client_disconnect: Literal["drain", "cancel"] = "drain"
-    disconnect_drain_timeout: float = Field(default=120.0, ge=0)
-    allow_byok: bool = True
-    require_control: bool = False
-    control_token: str | None = Field(default=None, repr=False)
-    control_token_file: Path | None = None
-    control_tls_cert_file: Path | None = None
-    control_tls_key_file: Path | None = None
-    control_tls_client_ca_file: Path | None = None
-    control_grace: float = Field(default=5.0, ge=0)
-    spool_max_records: int = Field(default=5_000_000, gt=0)
-    spool_max_age: float = Field(default=7 * 86400.0, gt=0)
-    spool_flush_timeout: float = Field(default=5.0, gt=0)
-    metrics_enabled: bool = True
-    mcp_call_timeout: float = Field(default=60.0, gt=0)
-    mcp_list_timeout: float = Field(default=5.0, gt=0)
-    mcp_list_ttl: float = Field(default=300.0, gt=0)
-    mcp_max_iterations: int = Field(default=10, ge=1, le=100)
-    small_model_pattern: str = "haiku"
-    byok_header: str = "x-aibridged-provider-key"
-    log_level: Literal["debug", "info", "warning", "error"] = "info"
-    event_loop: Literal["uvloop", "asyncio"] = "uvloop"
-    providers: list[ProviderConfig] = Field(default_factory=_default_providers)
-    api_keys: list[ApiKeyConfig] = Field(default_factory=list)
-    mcp_servers: list[McpServerConfig] = Field(default_factory=list)
+    client_body_total_timeout: float = Field(
+        default=300.0,
+        gt=0,
+        description="seconds a whole request body may take, however steady (then 408)",
+    )
+    client_keepalive_timeout: float = Field(
+        default=75.0,
+        gt=0,
+        description="seconds an idle keep-alive connection is kept between requests",
+    )
+    ping_interval: float = Field(
+        default=10.0,
+        gt=0,
+        description="seconds of upstream silence before a ping keep-alive goes to the client",
+    )
+    shutdown_grace: float = Field(
+        default=30.0, ge=0, description="seconds in-flight requests get to finish on SIGTERM/SIGINT"
+    )
+    upstream_connect_timeout: float = Field(
+        default=10.0, gt=0, description="seconds to connect to a provider"
+    )
+    upstream_idle_timeout: float = Field(
+        default=600.0,
+        gt=0,
+        description="seconds without a byte from the provider before the call fails",
+    )
+    on_client_disconnect: Literal["drain", "cancel"] = Field(
+        default="drain",
+        description="drain: read the upstream to its final usage; cancel: close it at once",
+    )
+    disconnect_drain_timeout: float = Field(
+        default=120.0, ge=0, description="bound in seconds on that drain"
+    )
+    allow_byok: bool = Field(
+        default=True, description="accept the client's own provider key in byok_header"
+    )
+    require_control: bool = Field(
+        default=False,
+        description="managed sidecar: not ready (503) until the host pushed providers and keys",
+    )
+    control_token: str | None = Field(
+        default=None,
+        repr=False,
+        description="bearer token every control RPC must carry; no token = control plane off",
+    )
+    control_token_file: Path | None = Field(
+        default=None, description="file holding the control token (e.g. a mounted secret)"
+    )
+    control_tls_cert_file: Path | None = Field(
+        default=None, description="PEM certificate chain: serve the control plane over TLS"
+    )
+    control_tls_key_file: Path | None = Field(
+        default=None, description="PEM private key of control_tls_cert_file"
+    )
+    control_tls_client_ca_file: Path | None = Field(
+        default=None, description="require client certificates signed by this CA (mTLS)"
+    )
+    control_grace: float = Field(
+        default=5.0, ge=0, description="seconds open control RPCs get at shutdown"
+    )
+    spool_max_records: int = Field(
+        default=5_000_000,
+        gt=0,
+        description="unacknowledged records beyond this many are dropped (counted, logged)",
+    )
+    spool_max_age: float = Field(
+        default=7 * 86400.0,
+        gt=0,
+        description="seconds after which unacknowledged records are dropped",
+    )
+    spool_flush_timeout: float = Field(
+        default=5.0,
+        gt=0,
+        description="seconds the spool may leave records uncommitted before it reports degraded",
+    )
+    metrics_enabled: bool = Field(
+        default=True, description="serve Prometheus metrics on metrics_listen"
+    )
+    # Observability (issue 11): metric label bounds and the log format.
+    metrics_model_pattern: str = Field(
+        default=r"[A-Za-z0-9._:@/-]{1,100}",
+        description="regex the whole requested model must match to be a metric label"
+        " (else 'other')",
+    )
+    metrics_max_models: int = Field(
+        default=50,
+        ge=0,
+        description="distinct model labels kept; models seen after that are 'other'",
+    )
+    metrics_actor_labels: bool = Field(
+        default=False,
+        description="add an actor label to interception and token metrics (one series per"
+        " actor: only for a small, known set of actors)",
+    )
+    log_format: Literal["json", "text"] | None = Field(
+        default=None,
+        description="json (one object a line) or text; unset: json unless stderr is a terminal",
+    )
+
+    @field_validator("metrics_model_pattern")
+    @classmethod
+    def _metrics_regex(cls, value: str) -> str:
+        try:
+            re.compile(value)
+        except re.error as exc:
+            raise ValueError(f"invalid regex: {exc}") from None
+        return value
+
+    mcp_call_timeout: float = Field(
+        default=60.0, gt=0, description="seconds per injected MCP tool call"
+    )
+    mcp_list_timeout: float = Field(
+        default=5.0, gt=0, description="seconds per MCP server tool listing"
+    )
+    mcp_list_ttl: float = Field(default=300.0, gt=0, description="seconds a tool listing is reused")
+    mcp_max_iterations: int = Field(
+        default=10,
+        ge=1,
+        le=100,
+        description="upstream calls one request may make while the model calls injected tools",
+    )
+    small_model_pattern: str = Field(
+        default="haiku",
+        description="regex (case-insensitive) on the model: matches get no injected tools",
+    )
+    byok_header: str = Field(
+        default="x-aibridged-provider-key",
+        description="header carrying the client's own provider key",
+    )
+    log_level: Literal["debug", "info", "warning", "error"] = Field(
+        default="info", description="log verbosity"
+    )
+    event_loop: Literal["uvloop", "asyncio"] = Field(
+        default="uvloop", description="event loop implementation"
+    )
+    providers: list[ProviderConfig] = Field(
+        default_factory=_default_providers,
+        description="upstream providers: route prefix, type, base URL, central key",
+    )
+    api_keys: list[ApiKeyConfig] = Field(
+        default_factory=list,
+        description="gateway client keys and the actors they authenticate; none = personal mode",
+    )
+    mcp_servers: list[McpServerConfig] = Field(
+        default_factory=list, description="central MCP servers whose tools every request gets"
+    )
 
     @field_validator("listen", "control_listen", "metrics_listen")
     @classmethod

@@ -25,6 +25,9 @@ from control.server import ControlServer, TlsFiles, check_bindable, load_tls
 from control.servicer import ControlServicer
 from control.spool import Spool
 from gateway.config import ConfigError, Settings, host_port
+from gateway.exposition import DATA_PLANE
+from gateway.logs import EventLog
+from gateway.observe import GatewayStats
 from gateway.proxy.app import Readiness, build_app
 from gateway.proxy.client_writer import OPEN_STREAMS
 from gateway.proxy.metrics_app import build_metrics_app
@@ -79,6 +82,7 @@ class Daemon:
     control: ControlServer | None
     stop_streams: asyncio.Event
     mcp_pool: McpPool
+    stats: GatewayStats
     metrics_runner: web.AppRunner | None = None
     metrics_port: int = 0
 
@@ -164,7 +168,12 @@ class Daemon:
                 metrics_runner, settings.metrics_listen, "metrics_listen"
             )
 
-        app = build_app(settings, state, spool, readiness, mcp_pool)
+        stats = GatewayStats(
+            settings.metrics_model_pattern,
+            settings.metrics_max_models,
+            settings.metrics_actor_labels,
+        )
+        app = build_app(settings, state, spool, readiness, mcp_pool, stats)
         runner = DataPlaneRunner(
             app,
             header_timeout=settings.client_header_timeout,
@@ -180,6 +189,10 @@ class Daemon:
         # Also closes the upstream session the app opened (no "Unclosed client session").
         started.push_async_callback(runner.cleanup)
         port = await _start_site(runner, settings.listen, "listen")
+        # The metrics serve this daemon's counters, state and spool from now on; per-request
+        # log lines are written in batches from its loop.
+        DATA_PLANE.attach(stats, state, spool)
+        EventLog.bind(asyncio.get_running_loop())
         return cls(
             settings,
             spool,
@@ -190,6 +203,7 @@ class Daemon:
             control,
             stop_streams,
             mcp_pool,
+            stats,
             metrics_runner,
             metrics_port,
         )
@@ -234,8 +248,19 @@ class Daemon:
         snap = self.state.current
         if self.control is None:
             log.info("control plane disabled: no control_token or control_token_file configured")
+        # What to give clients as their base URL: a wildcard address is reached over loopback.
+        listen, via = self.settings.listen, ""
+        if listen.startswith("unix:"):
+            root, via = "http://localhost", f" (over {listen})"
+        else:
+            host = host_port(listen)[0]
+            host = {"": "127.0.0.1", "0.0.0.0": "127.0.0.1", "::": "::1"}.get(host, host)
+            root = f"http://{f'[{host}]' if ':' in host else host}:{self.port}"
+        urls = " ".join(f"{root}/{name}" for name in snap.providers) or root
         log.info(
-            "aibridged serving",
+            "aibridged serving: clients use %s%s",
+            urls,
+            via,
             extra={
                 "listen": self.settings.listen,
                 "port": self.port,
@@ -302,6 +327,8 @@ class Daemon:
         if self.metrics_runner is not None:
             await self.metrics_runner.cleanup()
         await self.spool.close()
+        DATA_PLANE.detach(self.stats)
+        EventLog.bind(None)
         log.info("aibridged stopped", extra={"dropped_records": self.spool.dropped})
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import gc
 import os
 from collections.abc import AsyncIterator, Callable, Coroutine, Iterable
 from dataclasses import dataclass
@@ -192,6 +193,12 @@ async def make_gateway(
     yield start
     for daemon in started:
         await daemon.stop()
+    if any(daemon.mcp_pool.connections_opened for daemon in started):
+        # The MCP SDK's HTTP clients are finalised by the garbage collector: do it while this
+        # test's loop still runs, not in a later test whose loop is closed (an unraisable
+        # "Event loop is closed" there would fail an unrelated test).
+        gc.collect()
+        await asyncio.sleep(0)
 
 
 @pytest.fixture

@@ -64,6 +64,9 @@ class DaemonProcess:
             "spool_path": str(self.spool_path),
             "providers": [anthropic_provider(upstream_url)],
             "api_keys": [{"key": GATEWAY_KEY, "actor_id": "u-1", "username": "alice"}],
+            # Tests read key=value lines; stderr is a file, so the default would be JSON
+            # (tests/integration/test_logs.py covers that default with log_format=None).
+            "log_format": "text",
         }
         if control:
             config["control_listen"] = f"127.0.0.1:{self.control_port}"

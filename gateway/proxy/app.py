@@ -12,10 +12,11 @@ from aiohttp import web
 
 from gateway.config import Settings
 from gateway.intercept.dialects import DIALECTS, UNROUTED, provider_apis
+from gateway.observe import GatewayStats
 from gateway.ports import UsageSink
 from gateway.proxy.client_writer import OPEN_STREAMS
-from gateway.proxy.errors import Handler, provider_shaped, unknown_route, wrong_method
-from gateway.proxy.handlers import Services, intercept
+from gateway.proxy.errors import Handler, provider_shaped, wrong_method
+from gateway.proxy.handlers import Services, intercept, unknown_route
 from gateway.proxy.passthrough import passthrough, passthrough_routes, wrong_passthrough_method
 from gateway.proxy.relay import RelayOptions
 from gateway.proxy.upstream import make_session, stripped_headers
@@ -72,8 +73,10 @@ def build_app(
     sink: UsageSink,
     readiness: Readiness,
     mcp_pool: McpPool | None = None,
+    stats: GatewayStats | None = None,
 ) -> web.Application:
-    """Wire routes and the upstream session's lifetime to the app."""
+    """Wire routes and the upstream session's lifetime to the app (``stats``: what the
+    metrics read; a fresh set when None)."""
     # No middleware (it costs every request two coroutines): handlers are wrapped once here, or
     # shape their own failures (intercept, passthrough), and the router answers unknown routes
     # and methods. Every route is bound to its dialect or provider type here, once.
@@ -97,6 +100,7 @@ def build_app(
         max_tool_iterations=settings.mcp_max_iterations,
         body_timeout=settings.client_body_timeout,
         body_total_timeout=settings.client_body_total_timeout,
+        stats=stats if stats is not None else GatewayStats(),
     )
 
     app[OPEN_STREAMS] = services.relay.streams

@@ -10,17 +10,21 @@ import asyncio
 import logging
 import re
 from dataclasses import dataclass, field
+from time import perf_counter
 
 import aiohttp
 import orjson
 from aiohttp import web
 from aiohttp.http_exceptions import HttpProcessingError
 
+from gateway.access_log import log_refused
 from gateway.auth import Authenticated, authenticate
 from gateway.identity import client_session_id, detect_client
 from gateway.intercept.dialect import Dialect, ParsedRequest, ProviderApi, RequestError, ToolShapes
+from gateway.intercept.dialects import UNROUTED
 from gateway.intercept.loop import AgenticLoop
 from gateway.intercept.passthrough_paths import reencode_query
+from gateway.observe import GatewayStats, Observation
 from gateway.ports import UsageSink
 from gateway.proxy.errors import (
     error_response,
@@ -63,6 +67,8 @@ class Services:
     body_total_timeout: float = 300.0
     # The serving loop, set with the session (asking asyncio for it costs a syscall each time).
     loop_ref: list[asyncio.AbstractEventLoop] = field(default_factory=list)
+    # What the metrics and the per-request log lines count.
+    stats: GatewayStats = field(default_factory=GatewayStats)
 
     @property
     def session(self) -> aiohttp.ClientSession:
@@ -77,6 +83,7 @@ async def _tool_loop(
     parsed: ParsedRequest,
     interception_id: str,
     shapes: ToolShapes,
+    sink: UsageSink,
 ) -> ToolLoop | None:
     """The injected tools for this request, already added to ``parsed.parsed``; None if none.
 
@@ -89,8 +96,9 @@ async def _tool_loop(
         snapshot,
         auth.actor.id,
         interception_id,
-        services.sink,
+        sink,
         shapes,
+        services.stats,
     )
     if loop is None or not loop.inject(parsed.parsed):
         return None
@@ -104,15 +112,33 @@ def not_configured(api: ProviderApi) -> web.Response:
     )
 
 
+def refused(request: web.Request, response: web.Response, reason: str) -> web.Response:
+    """``response``, the answer to a request refused before it became an interception, once
+    its log line is written (``reason``: what the client was told, or its gist)."""
+    log_refused(request.method, request.path, request.remote, response.status, reason)
+    return response
+
+
+def refuse(request: web.Request, api: ProviderApi, status: int, message: str) -> web.Response:
+    """Refuse ``request`` with ``status`` and ``message`` in ``api``'s shape, logged."""
+    return refused(request, error_response(api, status, message), message)
+
+
+async def unknown_route(request: web.Request) -> web.Response:
+    """The catch-all route's 404 (no provider, no route), logged."""
+    return refused(request, route_not_found(UNROUTED, request), "route not supported")
+
+
 def provider_of(
     snapshot: Snapshot, request: web.Request, api: ProviderApi
 ) -> Provider | web.Response:
-    """The provider the path names when it is of ``api``'s type; else the answer (503, 404)."""
+    """The provider the path names when it is of ``api``'s type; else the answer (503, 404),
+    logged."""
     if not snapshot.configured:
-        return not_configured(api)
+        return refused(request, not_configured(api), "not configured yet")
     provider = snapshot.providers.get(request.match_info["provider"])
     if provider is None or provider.type != api.type:
-        return route_not_found(api, request)
+        return refused(request, route_not_found(api, request), "unknown provider")
     return provider
 
 
@@ -130,7 +156,7 @@ async def read_body(
     """
     limit = services.max_body_bytes
     if request.content_length is not None and request.content_length > limit:
-        return _too_large(api, limit)
+        return _too_large(request, api, limit)
     content = request.content
     chunks: list[bytes] = []
     size = 0
@@ -155,7 +181,7 @@ async def read_body(
                     break
             size += len(chunk)
             if size > limit:
-                return _too_large(api, limit)
+                return _too_large(request, api, limit)
             chunks.append(chunk)
     except MALFORMED_BODY as exc:
         return _body_malformed(request, exc, api)
@@ -167,17 +193,18 @@ async def read_body(
     try:
         return decode_body(body, ", ".join(codings), limit)
     except BodyError as exc:
-        return error_response(api, exc.status, exc.message)
+        return refuse(request, api, exc.status, exc.message)
 
 
-def _too_large(api: ProviderApi, limit: int) -> web.Response:
-    return error_response(api, 413, f"request body exceeds the gateway limit of {limit} bytes")
+def _too_large(request: web.Request, api: ProviderApi, limit: int) -> web.Response:
+    return refuse(request, api, 413, f"request body exceeds the gateway limit of {limit} bytes")
 
 
 def _body_timed_out(services: Services, request: web.Request, api: ProviderApi) -> web.Response:
     # The client is too slow to send its body: answer, then close without reading the rest.
     abandon_body(request)
-    response = error_response(
+    response = refuse(
+        request,
         api,
         408,
         f"request body not received in time (at most {services.body_timeout:g} s between reads,"
@@ -192,7 +219,7 @@ def _body_malformed(request: web.Request, exc: Exception, api: ProviderApi) -> w
     detail = exc.message if isinstance(exc, HttpProcessingError) else str(exc)
     log.debug("malformed request body: %s", detail.partition("\n")[0][:200])
     abandon_body(request)
-    response = error_response(api, 400, malformed_request_text(detail))
+    response = refuse(request, api, 400, malformed_request_text(detail))
     response.force_close()
     return response
 
@@ -202,6 +229,9 @@ async def intercept(
 ) -> web.StreamResponse:
     """``POST /{provider}<dialect.path>``: an intercepted API call (bind ``services`` and the
     route's ``dialect`` once, at startup)."""
+    # The gateway's own time (``gateway.observe``): from here to the first upstream call,
+    # reading the body and listing MCP tools left out.
+    started = perf_counter()
     api = dialect.provider
     try:
         snapshot = services.state.current
@@ -209,25 +239,35 @@ async def intercept(
         if isinstance(provider, web.Response):
             return provider
         if request.method != "POST":
-            return method_not_allowed(api, request)
+            return refused(request, method_not_allowed(api, request), "method not allowed")
         request_headers = request.headers
         auth = authenticate(request_headers, snapshot, provider, api.keys, services.byok_header)
         if not isinstance(auth, Authenticated):
-            return error_response(api, auth.status, auth.message)
+            return refuse(request, api, auth.status, auth.message)
+        reading = perf_counter()
         body = await read_body(services, request, api)
         if isinstance(body, web.Response):
             return body
+        resumed = perf_counter()
         try:
             parsed = dialect.parse_request(body)
         except RequestError as exc:
-            return error_response(api, exc.status, exc.message)
+            return refuse(request, api, exc.status, exc.message)
 
         interception_id = new_interception_id()
         client = detect_client(request_headers)
         actor = auth.actor
         credential = auth.credential
-        sink = services.sink
-        sink.submit(
+        # Built before the start record: from it on, only Interception.end may end the request.
+        # Re-encoded like the passthrough's: a decoded query would lose "%23..." to a fragment.
+        url = provider.url(dialect.path, reencode_query(request.rel_url.raw_query_string))
+        headers = upstream_request_headers(
+            request_headers,
+            credential,
+            services.stripped_headers,
+            actor=actor if provider.send_actor_headers else None,
+        )
+        services.sink.submit(
             InterceptionStarted(
                 interception_id=interception_id,
                 provider=provider.type,
@@ -245,6 +285,20 @@ async def intercept(
                 streaming=parsed.stream,
             )
         )
+        stats = services.stats
+        # The sink of every later record of this interception: it counts them.
+        sink = Observation(
+            stats,
+            services.sink,
+            stats.route(provider.name, dialect.name),
+            interception_id,
+            parsed.model,
+            actor.id,
+            client,
+            parsed.stream,
+            started,
+            reading - started,
+        )
         icpt = Interception(
             dialect,
             interception_id,
@@ -252,22 +306,18 @@ async def intercept(
             services.session_ref[0],
             services.relay,
             services.loop_ref[0],
-            # Re-encoded like the passthrough's: a decoded query would lose "%23..." to a fragment.
-            provider.url(dialect.path, reencode_query(request.rel_url.raw_query_string)),
-            upstream_request_headers(
-                request_headers,
-                credential,
-                services.stripped_headers,
-                actor=actor if provider.send_actor_headers else None,
-            ),
+            url,
+            headers,
             provider.max_retries,
         )
         try:
-            tools = (
-                await _tool_loop(services, snapshot, auth, parsed, interception_id, dialect.tools)
-                if services.mcp_pool is not None and snapshot.mcp_servers
-                else None
-            )
+            tools = None
+            if services.mcp_pool is not None and snapshot.mcp_servers:
+                listing = perf_counter()
+                tools = await _tool_loop(
+                    services, snapshot, auth, parsed, interception_id, dialect.tools, sink
+                )
+                resumed += perf_counter() - listing
             runner: LoopRunner | None = None
             if tools is None:
                 body, injected = parsed.body, None
@@ -278,6 +328,7 @@ async def intercept(
                 )
                 runner = LoopRunner(driver, tools, icpt)
             response: web.StreamResponse
+            sink.busy += perf_counter() - resumed
             try:
                 resp = await icpt.post_again(body)
             except UPSTREAM_ERRORS as exc:

@@ -17,7 +17,7 @@ from gateway.proxy.errors import (
     method_not_allowed,
     route_not_found,
 )
-from gateway.proxy.handlers import Services, not_configured, read_body
+from gateway.proxy.handlers import Services, not_configured, read_body, refuse, refused
 from gateway.proxy.upstream import (
     SKIP_AUTO_HEADERS,
     relayed_response_headers,
@@ -48,6 +48,8 @@ class PassthroughPath:
     # The shape of errors when the path names no provider of those types (the first that
     # listed it).
     default: ProviderApi
+    # The ``route`` label of the metrics: the path with ``{id}`` for the client's segment.
+    label: str
 
 
 def passthrough_routes(apis: Iterable[ProviderApi]) -> dict[str, PassthroughPath]:
@@ -58,15 +60,17 @@ def passthrough_routes(apis: Iterable[ProviderApi]) -> dict[str, PassthroughPath
     """
     methods: dict[str, list[str]] = {}
     by_path: dict[str, dict[str, ProviderApi]] = {}
+    labels: dict[str, str] = {}
     for api in apis:
         for method, route in api.passthrough:
             path = "/" + "/".join("{rest:.+}" if s is ID else s for s in route)
+            labels.setdefault(path, "/" + "/".join("{id}" if s is ID else s for s in route))
             listed = methods.setdefault(path, [])
             if method not in listed:
                 listed.append(method)
             by_path.setdefault(path, {}).setdefault(api.type, api)
     return {
-        path: PassthroughPath(tuple(methods[path]), types, next(iter(types.values())))
+        path: PassthroughPath(tuple(methods[path]), types, next(iter(types.values())), labels[path])
         for path, types in by_path.items()
     }
 
@@ -75,13 +79,13 @@ def _provider_of(
     snapshot: Snapshot, request: web.Request, path: PassthroughPath
 ) -> tuple[Provider, ProviderApi] | web.Response:
     """The provider the path names and its type's API, if that type lists the path; else the
-    answer (503, 404)."""
+    answer (503, 404), logged."""
     if not snapshot.configured:
-        return not_configured(path.default)
+        return refused(request, not_configured(path.default), "not configured yet")
     provider = snapshot.providers.get(request.match_info["provider"])
     api = path.apis.get(provider.type) if provider is not None else None
     if provider is None or api is None:
-        return route_not_found(path.default, request)
+        return refused(request, route_not_found(path.default, request), "unknown provider")
     return provider, api
 
 
@@ -91,7 +95,7 @@ async def wrong_passthrough_method(
     """The 405 for a method ``path`` does not serve, in the shape of the provider it names."""
     found = _provider_of(services.state.current, request, path)
     api = path.default if isinstance(found, web.Response) else found[1]
-    return method_not_allowed(api, request)
+    return refused(request, method_not_allowed(api, request), "method not allowed")
 
 
 async def passthrough(
@@ -104,7 +108,7 @@ async def passthrough(
         if isinstance(found, web.Response):
             return found
         provider, api = found
-        return await _relay(services, request, provider, api)
+        return await _relay(services, request, provider, api, path.label)
     except Exception as exc:
         shaped = failure_response(api, request, exc)
         if shaped is None:
@@ -113,18 +117,18 @@ async def passthrough(
 
 
 async def _relay(
-    services: Services, request: web.Request, provider: Provider, api: ProviderApi
+    services: Services, request: web.Request, provider: Provider, api: ProviderApi, route: str
 ) -> web.StreamResponse:
     # The raw path (never normalised, still percent-encoded): "/{provider}/v1/...".
     raw_path = request.rel_url.raw_path
     path = upstream_path(api.passthrough, request.method, raw_path[raw_path.find("/", 1) :])
     if path is None:
-        return route_not_found(api, request)
+        return refused(request, route_not_found(api, request), "route not supported")
     auth = authenticate(
         request.headers, services.state.current, provider, api.keys, services.byok_header
     )
     if not isinstance(auth, Authenticated):
-        return error_response(api, auth.status, auth.message)
+        return refuse(request, api, auth.status, auth.message)
     body = await read_body(services, request, api)
     if isinstance(body, web.Response):
         return body
@@ -142,7 +146,9 @@ async def _relay(
             skip_auto_headers=SKIP_AUTO_HEADERS,
         )
     except UPSTREAM_ERRORS as exc:
+        services.stats.passthrough_done(provider.name, route, "error")
         return _failed(api, request, path, unreachable(exc))
+    services.stats.passthrough_done(provider.name, route, resp.status)
     async with resp:
         # 304 answers the client's own conditional GET: it points nowhere.
         if 300 <= resp.status < 400 and resp.status != 304:

@@ -13,6 +13,7 @@ import asyncio
 import logging
 from collections.abc import Coroutine
 from dataclasses import dataclass, field
+from time import perf_counter
 from typing import Any
 
 import aiohttp
@@ -24,7 +25,7 @@ from gateway.intercept.errors import parse_error_body
 from gateway.intercept.loop import Finish, TurnEnded, UpstreamRefused
 from gateway.intercept.outcome import Outcome
 from gateway.intercept.rewriter import BlockingRewriter, StreamRewriter
-from gateway.ports import UsageSink
+from gateway.observe import Observation
 from gateway.proxy.client_writer import CLIENT_GONE, ClientWriter, OnClientLeft, OpenStreams
 from gateway.proxy.loop_runner import LoopRunner, client_present
 from gateway.proxy.upstream import auto_headers_to_skip, relayed_header_items
@@ -68,7 +69,7 @@ class Interception:
         self,
         dialect: Dialect,
         interception_id: str,
-        sink: UsageSink,
+        sink: Observation,
         session: aiohttp.ClientSession,
         options: RelayOptions,
         loop: asyncio.AbstractEventLoop,
@@ -76,7 +77,8 @@ class Interception:
         headers: CIMultiDict[str],
         max_retries: int,
     ) -> None:
-        """``url``, ``headers`` and ``max_retries``: where this interception's upstream calls go
+        """``sink``: where its records go, which also counts them for the metrics and the log;
+        ``url``, ``headers`` and ``max_retries``: where this interception's upstream calls go
         (the first and every continuation)."""
         self.dialect = dialect
         self.id = interception_id
@@ -97,9 +99,12 @@ class Interception:
             return
         self._ended = True
         o = self.outcome
-        self.sink.submit(
+        sink = self.sink
+        # Straight to the spool: an end record is counted by ``finish``.
+        sink.spool.submit(
             InterceptionEnded(self.id, o.status, o.error_type, o.error_message, o.upstream_status)
         )
+        sink.finish(o)
 
     async def complete(self) -> None:
         """End the interception and wait until its records are durable.
@@ -108,7 +113,7 @@ class Interception:
         complete always has its records in the spool, even if the process is killed right after.
         """
         self.end()
-        await self.sink.persist()
+        await self.sink.spool.persist()
 
     def post_again(self, body: bytes) -> Coroutine[Any, Any, aiohttp.ClientResponse]:
         """POST ``body`` to the interception's upstream endpoint (see ``upstream_call.post``:
@@ -124,6 +129,7 @@ class Interception:
             self._skip_auto_headers,
             self._max_retries,
             self.id,
+            self.sink.route.upstream,
         )
 
     def upstream_failed(self, exc: BaseException, started: bool = False) -> UpstreamFailure:
@@ -175,9 +181,11 @@ class Interception:
                 except UPSTREAM_ERRORS as exc:
                     return self.unreachable(exc, started=True)
                 self.outcome.upstream_status = resp.status
+                began = perf_counter()
                 result = turns.feed(raw)
                 for record in result.records:
                     self.sink.submit(record)
+                self.sink.busy += perf_counter() - began
                 if result.error:
                     # A 200 that is no message (an HTML page, junk) must not pass for an answer.
                     self.outcome.fail("invalid_upstream_response", result.error)
@@ -212,6 +220,7 @@ class Interception:
         runner: LoopRunner | None = None,
     ) -> web.StreamResponse:
         """Relay an SSE stream event by event, with keep-alive pings and disconnect handling."""
+        began = perf_counter()
         self.outcome.upstream_status = resp.status
         up_headers = resp.headers
         # None of these three is allow-listed, so they are added, not replaced.
@@ -230,6 +239,10 @@ class Interception:
             await out.prepare(request)
         except CLIENT_GONE:
             writer.mark_gone()
+        obs = self.sink
+        # The response head is written: the client has its first byte.
+        obs.first_byte = head = perf_counter()
+        obs.busy += head - began
         self._held = b""
         # An error event to send after the held bytes, when the stream fails.
         ending = b""
@@ -285,6 +298,7 @@ class Interception:
                 self.outcome.fail("gateway_error", type(exc).__name__)
                 ending = dialect.error_event(500, "internal gateway error")
         finally:
+            obs.tail = perf_counter()
             streams.discard(task)
             if current is not resp:
                 current.release()
@@ -342,13 +356,19 @@ class Interception:
         neither relayed nor read.
         """
         tail = b""
+        sink = self.sink
+        clock = perf_counter
+        busy = 0.0
         try:
             async for chunk in resp.content.iter_any():
+                began = clock()
                 data = rewriter.feed_chunk(framer, chunk)
                 if data is None:
+                    busy += clock() - began
                     continue
                 for record in rewriter.take_records():
-                    self.sink.submit(record)
+                    sink.submit(record)
+                busy += clock() - began
                 if rewriter.stop_relayed or tail:
                     # The terminal event goes out with the end of the body, once
                     # the interception's records are durable.
@@ -358,6 +378,7 @@ class Interception:
         finally:
             # Kept when the upstream breaks after the terminal event: the response is whole.
             self._held = tail
+            sink.busy += busy
 
 
 def _refused_response(refused: UpstreamRefused) -> web.Response:

@@ -19,6 +19,7 @@ import orjson
 
 from gateway.intercept.dialect import ToolShapes
 from gateway.intercept.rewriter import ToolCall
+from gateway.observe import GatewayStats
 from gateway.ports import UsageSink
 from gateway.records import ToolUsage
 from gateway.state import McpServer, Snapshot
@@ -39,8 +40,10 @@ class ToolLoop:
         interception_id: str,
         sink: UsageSink,
         shapes: ToolShapes,
+        stats: GatewayStats,
     ) -> None:
         self.pool = pool
+        self.stats = stats
         self.actor_id = actor_id
         self.catalog = catalog
         self.interception_id = interception_id
@@ -56,6 +59,7 @@ class ToolLoop:
         interception_id: str,
         sink: UsageSink,
         shapes: ToolShapes,
+        stats: GatewayStats,
     ) -> ToolLoop | None:
         """List the actor's tools (servers that are down are left out); None when there are none."""
         if not snapshot.mcp_servers:
@@ -74,7 +78,7 @@ class ToolLoop:
             )
         if not refs:
             return None
-        return cls(pool, actor_id, ToolCatalog(refs.values()), interception_id, sink, shapes)
+        return cls(pool, actor_id, ToolCatalog(refs.values()), interception_id, sink, shapes, stats)
 
     def inject(self, body: dict[str, Any]) -> bool:
         """Add the tools to the request; False (request untouched) when its shape forbids it."""
@@ -103,15 +107,20 @@ class ToolLoop:
             return self.shapes.error(call.tool_use_id, f"tool {call.name} not found")
         started = time.perf_counter()
         error = ""
+        outcome = "ok"
         try:
             result = await self.pool.call(self.actor_id, ref.server_id, ref.name, call.input)
         except McpCallError as exc:
             error = str(exc) or type(exc).__name__
             block = self.shapes.error(call.tool_use_id, error)
+            outcome = "timeout" if isinstance(exc.__cause__, TimeoutError) else "error"
         else:
             block = self.shapes.result(call.tool_use_id, result.content, result.is_error)
             if result.is_error:
                 error = _error_text(result.content)
+                outcome = "tool_error"
+        seconds = time.perf_counter() - started
+        self.stats.mcp_call(ref.server_id, outcome, seconds)
         log.log(
             logging.WARNING if error else logging.DEBUG,
             "injected tool invoked",
@@ -119,8 +128,8 @@ class ToolLoop:
                 "interception_id": self.interception_id,
                 "mcp_server": ref.server_id,
                 "tool": ref.name,
-                "duration_ms": round((time.perf_counter() - started) * 1000, 1),
-                "failed": bool(error),
+                "duration_ms": round(seconds * 1000, 1),
+                "outcome": outcome,
             },
         )
         self.sink.submit(

@@ -69,8 +69,11 @@ async def post(
     skip_auto_headers: tuple[str, ...] | None,
     max_retries: int,
     interception_id: str,
+    codes: dict[int | str, int],
 ) -> aiohttp.ClientResponse:
     """POST ``body`` to ``url``; the response to use (a success or the last error response).
+
+    Each attempt is counted in ``codes`` (the metrics): by its HTTP status, or ``"error"``.
 
     Raises one of ``UPSTREAM_ERRORS`` when no usable response came: the last attempt's I/O
     failure, or :class:`UpstreamRedirect` for a 3xx (a redirect would carry the credential to
@@ -90,6 +93,7 @@ async def post(
                 auto_decompress=True,
             )
         except UPSTREAM_ERRORS as exc:
+            codes["error"] = codes.get("error", 0) + 1
             if spare and _stale(exc):
                 spare = False
                 log.debug("stale pooled connection", extra={"interception_id": interception_id})
@@ -99,6 +103,7 @@ async def post(
             delay = retry_delay(attempt, _NO_HEADERS, random.random())
         else:
             status = resp.status
+            codes[status] = codes.get(status, 0) + 1
             if status < 300:
                 return resp
             if status < 400:

@@ -62,6 +62,8 @@ class McpPool:
         self._conns: dict[tuple[str, str], McpConnection] = {}
         self._closing: set[asyncio.Task[None]] = set()
         self._closed = False
+        # Connections opened since start (tests use it; an operator can read it in a debugger).
+        self.connections_opened = 0
 
     def configure(
         self, servers: Mapping[str, McpServer], tokens: Mapping[tuple[str, str], McpToken]
@@ -72,6 +74,9 @@ class McpPool:
         valid token hashes to its key any more.
         """
         self._servers, self._tokens = dict(servers), dict(tokens)
+        for server_id in self._servers:
+            # Listed from the first scrape, at 0, so that an alert's rate() has a series.
+            MCP_SERVER_UNAVAILABLE.labels(mcp_server=server_id)
         now = time.time()
         live = {
             (t.server_id, hashlib.sha256(t.token.encode()).hexdigest())
@@ -104,6 +109,7 @@ class McpPool:
         conn = self._conns.get(key)
         if conn is None or conn.retired:
             conn = self._conns[key] = McpConnection(self, self._timeouts, server, token)
+            self.connections_opened += 1
         return conn
 
     def retire(self, conn: McpConnection, drain: float) -> None:
