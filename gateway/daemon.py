@@ -312,23 +312,29 @@ class Daemon:
         # aiohttp waits up to shutdown_grace for in-flight requests, then cuts them silently:
         # streams still open when the grace is over are ended first, each with an error event
         # and its records (the relay does it when told by ``OpenStreams.end_all``).
-        cleanup = asyncio.ensure_future(self.runner.cleanup())
-        done, _ = await asyncio.wait({cleanup}, timeout=self.settings.shutdown_grace)
-        if not done:
-            ended = self.runner.app[OPEN_STREAMS].end_all()
-            if ended:
-                log.warning("shutdown grace over: ending open streams", extra={"streams": ended})
-        await cleanup
-        await self.mcp_pool.close()
-        await self.spool.flush()
-        self.stop_streams.set()
-        if self.control is not None:
-            await self.control.stop(self.settings.control_grace)
-        if self.metrics_runner is not None:
-            await self.metrics_runner.cleanup()
-        await self.spool.close()
-        DATA_PLANE.detach(self.stats)
-        EventLog.bind(None)
+        try:
+            cleanup = asyncio.ensure_future(self.runner.cleanup())
+            done, _ = await asyncio.wait({cleanup}, timeout=self.settings.shutdown_grace)
+            if not done:
+                ended = self.runner.app[OPEN_STREAMS].end_all()
+                if ended:
+                    log.warning(
+                        "shutdown grace over: ending open streams", extra={"streams": ended}
+                    )
+            await cleanup
+            await self.mcp_pool.close()
+            await self.spool.flush()
+            self.stop_streams.set()
+            if self.control is not None:
+                await self.control.stop(self.settings.control_grace)
+            if self.metrics_runner is not None:
+                await self.metrics_runner.cleanup()
+            await self.spool.close()
+        finally:
+            # Whatever failed above, the last access lines (the streams shutdown ended) are
+            # written and the metrics let go of this daemon.
+            DATA_PLANE.detach(self.stats)
+            EventLog.bind(None)
         log.info("aibridged stopped", extra={"dropped_records": self.spool.dropped})
 
 

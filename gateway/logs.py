@@ -14,6 +14,7 @@ batches, at most ``FLUSH_EVERY`` seconds later (and at shutdown).
 from __future__ import annotations
 
 import asyncio
+import atexit
 import json
 import logging
 import os
@@ -309,4 +310,6 @@ def setup_logging(level: str, fmt: str | None = None) -> None:
         logging.getLogger(name).setLevel(logging.WARNING)
     # aiohttp logs every client disconnect with a traceback; they are expected on a gateway.
     logging.getLogger("aiohttp.server").setLevel(logging.CRITICAL)
-    EventLog._direct = _Direct(handler, as_json, root.getEffectiveLevel())
+    EventLog._direct = direct = _Direct(handler, as_json, root.getEffectiveLevel())
+    # Lines still batched when the process exits (a failed shutdown, a closed loop) are written.
+    atexit.register(direct.flush)

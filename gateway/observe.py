@@ -73,6 +73,10 @@ class Histogram:
         self.sum += value
 
 
+# Distinct ``actor`` labels kept when metrics_actor_labels is on; later actors are ``other``.
+MAX_ACTOR_LABELS = 100
+
+
 class ModelLabels:
     """The ``model`` label of a requested model: itself while it matches the pattern and fewer
     than ``max_models`` distinct models were kept, else ``other`` (clients choose the name)."""
@@ -147,10 +151,12 @@ class GatewayStats:
         max_models: int = 50,
         actor_labels: bool = False,
     ) -> None:
-        """``actor_labels``: interceptions and tokens get an ``actor`` label (unbounded: only
-        for a known, small set of actors)."""
+        """``actor_labels``: interceptions and tokens get an ``actor`` label (for a known, small
+        set of actors; past ``MAX_ACTOR_LABELS`` distinct actors the label is ``other``: in
+        personal mode every client key is an actor, so clients could grow it at will)."""
         self.model_label = ModelLabels(model_pattern, max_models)
         self.actor_labels = actor_labels
+        self.actor_label = ModelLabels(r"[^\x00-\x1f]{1,200}", MAX_ACTOR_LABELS)
         self.routes: dict[tuple[str, str], RouteStats] = {}
         # (provider, model label, actor label) -> token counts by type, prompts, tool calls.
         self.usage: dict[tuple[str, str, str], list[int]] = {}
@@ -169,7 +175,7 @@ class GatewayStats:
         """The model label of ``model`` and the usage list of (route's provider, that label,
         ``actor``'s label), created on first use."""
         label = self.model_label(model)
-        actor = actor if self.actor_labels else ""
+        actor = self.actor_label(actor) if self.actor_labels else ""
         key = (route.provider, label, actor)
         usage = self.usage.get(key)
         if usage is None:
@@ -246,7 +252,7 @@ class Observation:
             found = stats.labels(route, model, actor_id)
         self.model_label, self.usage = found
         self.actor_id = actor_id
-        self.actor_label = actor_id if stats.actor_labels else ""
+        self.actor_label = stats.actor_label(actor_id) if stats.actor_labels else ""
         self.client = client
         self.streaming = streaming
         self.started = started
