@@ -13,6 +13,7 @@ from collections import deque
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Self
 
 from aiohttp import web
 from multidict import CIMultiDict, CIMultiDictProxy
@@ -112,28 +113,22 @@ class ReceivedRequest:
     body: bytes
 
 
-class FakeUpstream:
-    """A scripted provider on ``127.0.0.1``: ``enqueue`` replies, read ``requests`` after."""
+class LoopbackServer:
+    """An HTTP server on an ephemeral ``127.0.0.1`` port whose ``_handle`` answers every path."""
 
     def __init__(self) -> None:
-        self.requests: list[ReceivedRequest] = []
-        self.replies: deque[Reply] = deque()
-        self.default: Reply | None = None
-        self.events_sent = 0
-        self.finished = asyncio.Event()
         self._runner: web.AppRunner | None = None
         self.port = 0
 
     @property
     def url(self) -> str:
-        """Base URL of the fake provider."""
+        """Base URL of the server."""
         return f"http://127.0.0.1:{self.port}"
 
-    def enqueue(self, *replies: Reply) -> None:
-        """Replies to give, in order, to the next requests."""
-        self.replies.extend(replies)
+    async def _handle(self, request: web.Request) -> web.StreamResponse:
+        raise NotImplementedError
 
-    async def start(self) -> FakeUpstream:
+    async def start(self) -> Self:
         """Listen on an ephemeral loopback port."""
         app = web.Application(client_max_size=1 << 30)
         app.router.add_route("*", "/{tail:.*}", self._handle)
@@ -149,6 +144,22 @@ class FakeUpstream:
         """Stop listening."""
         if self._runner is not None:
             await self._runner.cleanup()
+
+
+class FakeUpstream(LoopbackServer):
+    """A scripted provider on ``127.0.0.1``: ``enqueue`` replies, read ``requests`` after."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.requests: list[ReceivedRequest] = []
+        self.replies: deque[Reply] = deque()
+        self.default: Reply | None = None
+        self.events_sent = 0
+        self.finished = asyncio.Event()
+
+    def enqueue(self, *replies: Reply) -> None:
+        """Replies to give, in order, to the next requests."""
+        self.replies.extend(replies)
 
     async def _handle(self, request: web.Request) -> web.StreamResponse:
         body = await request.read()

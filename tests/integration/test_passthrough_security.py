@@ -16,7 +16,7 @@ import aiohttp
 import pytest
 from aiohttp import web
 
-from gateway.testing import Reply
+from gateway.testing import LoopbackServer, Reply
 from tests.conftest import GATEWAY_KEY, UPSTREAM_KEY, Gateway, GatewayFactory, anthropic_provider
 from tests.processes import free_port
 
@@ -40,14 +40,13 @@ async def raw_request(port: int, method: str, target: str, body: bytes = b"") ->
     return int(head_bytes.split()[1]), out
 
 
-class RawProvider:
+class RawProvider(LoopbackServer):
     """A provider on loopback that records each request target exactly as it arrived."""
 
     def __init__(self) -> None:
+        super().__init__()
         self.targets: list[str] = []
         self.api_keys: list[str] = []
-        self._runner: web.AppRunner | None = None
-        self.port = 0
 
     async def _handle(self, request: web.Request) -> web.Response:
         self.targets.append(f"{request.method} {request.raw_path}")
@@ -55,21 +54,6 @@ class RawProvider:
         await request.read()
         body = MODELS if request.path.startswith("/v1/models") else LEAKED
         return web.Response(body=body, content_type="application/json")
-
-    async def start(self) -> RawProvider:
-        app = web.Application()
-        app.router.add_route("*", "/{tail:.*}", self._handle)
-        self._runner = web.AppRunner(app, access_log=None)
-        await self._runner.setup()
-        site = web.TCPSite(self._runner, "127.0.0.1", 0)
-        await site.start()
-        assert self._runner.addresses
-        self.port = self._runner.addresses[0][1]
-        return self
-
-    async def close(self) -> None:
-        if self._runner is not None:
-            await self._runner.cleanup()
 
 
 @pytest.fixture

@@ -21,7 +21,7 @@ from aiohttp import web
 
 from gateway.proxy.upstream_failure import redirected
 from gateway.state import McpServer, McpToken
-from gateway.testing import Reply
+from gateway.testing import LoopbackServer, Reply
 from gateway.tools.mcp_pool import McpCallError, McpPool
 from tests.conftest import GATEWAY_KEY, UPSTREAM_KEY, Gateway
 from tests.mcp_server import McpTestServer
@@ -29,37 +29,17 @@ from tests.mcp_server import McpTestServer
 MCP_TOKEN = "tok-alice-mcp-secret"
 
 
-class Target:
+class Target(LoopbackServer):
     """A loopback HTTP server that records the headers of every request and answers 200."""
 
     def __init__(self) -> None:
+        super().__init__()
         self.seen: list[tuple[str, dict[str, str]]] = []
-        self._runner: web.AppRunner | None = None
-        self.port = 0
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
 
     async def _handle(self, request: web.Request) -> web.Response:
         self.seen.append((f"{request.method} {request.path}", dict(request.headers)))
         await request.read()
         return web.json_response({"data": [], "stolen": True})
-
-    async def start(self) -> Target:
-        app = web.Application()
-        app.router.add_route("*", "/{tail:.*}", self._handle)
-        self._runner = web.AppRunner(app, access_log=None)
-        await self._runner.setup()
-        site = web.TCPSite(self._runner, "127.0.0.1", 0)
-        await site.start()
-        assert self._runner.addresses
-        self.port = self._runner.addresses[0][1]
-        return self
-
-    async def close(self) -> None:
-        if self._runner is not None:
-            await self._runner.cleanup()
 
     def saw(self, secret: str) -> bool:
         """Whether any recorded request carried ``secret`` in a header."""
