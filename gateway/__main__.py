@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import os
 import sys
 import typing
 from pathlib import Path
@@ -86,6 +87,13 @@ def _structured_help() -> str:
     for name in sorted(_STRUCTURED):
         field = Settings.model_fields[name]
         lines.append(f"  {name}: {field.description} [env AIBRIDGED_{name.upper()}]")
+    lines += [
+        "",
+        "traces (OpenTelemetry, the standard variables): on when OTEL_EXPORTER_OTLP_ENDPOINT or",
+        "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT is set; OTEL_EXPORTER_OTLP_PROTOCOL grpc or",
+        "http/protobuf (default); OTEL_SERVICE_NAME (default aibridged), OTEL_TRACES_SAMPLER,",
+        "OTEL_EXPORTER_OTLP_HEADERS, OTEL_BSP_*; OTEL_SDK_DISABLED=true turns them off.",
+    ]
     return "\n".join(lines)
 
 
@@ -98,8 +106,13 @@ def check_config(settings: Settings) -> str:
     """
     from control.server import load_tls
     from gateway.state import Snapshot, unset_key_envs
+    from gateway.trace_settings import TraceSettingsError, trace_export
 
     snap = Snapshot.from_settings(settings)
+    try:
+        export = trace_export(os.environ)
+    except TraceSettingsError as exc:
+        raise ConfigError(str(exc)) from None
     control = "off"
     if settings.control_bearer() is not None:
         tls = load_tls(
@@ -122,6 +135,7 @@ def check_config(settings: Settings) -> str:
         f"control {control}",
         f"metrics {settings.metrics_listen if settings.metrics_enabled else 'off'}",
         f"spool {settings.spool_path}",
+        f"tracing {export.describe() if export else 'off'}",
     ]
     missing = {} if snap.managed else unset_key_envs(settings)
     if missing:

@@ -14,10 +14,12 @@ import asyncio
 import contextlib
 import gc
 import logging
+import os
 import signal
 import sqlite3
 import time
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from aiohttp import web
 
@@ -34,6 +36,10 @@ from gateway.proxy.metrics_app import build_metrics_app
 from gateway.proxy.server_timeouts import DataPlaneRunner, TimedRunner
 from gateway.state import Snapshot, StateHolder, unset_key_envs
 from gateway.tools.mcp_pool import McpPool
+from gateway.trace_settings import TraceSettingsError, trace_export
+
+if TYPE_CHECKING:
+    from gateway.tracing import Tracing
 
 log = logging.getLogger("aibridged")
 
@@ -85,6 +91,7 @@ class Daemon:
     stats: GatewayStats
     metrics_runner: web.AppRunner | None = None
     metrics_port: int = 0
+    tracing: Tracing | None = None
 
     @classmethod
     async def start(cls, settings: Settings) -> Daemon:
@@ -107,7 +114,18 @@ class Daemon:
             check_bindable(settings.control_listen)
         readiness = Readiness(state)
         stop_streams = asyncio.Event()
+        try:
+            export = trace_export(os.environ)
+        except TraceSettingsError as exc:
+            raise ConfigError(str(exc)) from None
         async with contextlib.AsyncExitStack() as started:
+            tracing = None
+            if export is not None:
+                # Imported only now: with tracing off, nothing of OpenTelemetry is loaded.
+                from gateway.tracing import Tracing
+
+                tracing = Tracing(export)
+                started.push_async_callback(tracing.close)
             spool = Spool(
                 settings.spool_path,
                 max_records=settings.spool_max_records,
@@ -129,7 +147,7 @@ class Daemon:
                     settings, token, tls, state, spool, readiness, stop_streams, mcp_pool, started
                 )
             daemon = await cls._start_listeners(
-                settings, state, spool, readiness, control, stop_streams, mcp_pool, started
+                settings, state, spool, readiness, control, stop_streams, mcp_pool, started, tracing
             )
             # Started: from here on, Daemon.stop owns the shutdown.
             started.pop_all()
@@ -151,6 +169,7 @@ class Daemon:
         stop_streams: asyncio.Event,
         mcp_pool: McpPool,
         started: contextlib.AsyncExitStack,
+        tracing: Tracing | None,
     ) -> Daemon:
         """The metrics listener, then the data plane; their clean-up goes on ``started``."""
         metrics_runner, metrics_port = None, 0
@@ -173,7 +192,7 @@ class Daemon:
             settings.metrics_max_models,
             settings.metrics_actor_labels,
         )
-        app = build_app(settings, state, spool, readiness, mcp_pool, stats)
+        app = build_app(settings, state, spool, readiness, mcp_pool, stats, tracing)
         runner = DataPlaneRunner(
             app,
             header_timeout=settings.client_header_timeout,
@@ -206,6 +225,7 @@ class Daemon:
             stats,
             metrics_runner,
             metrics_port,
+            tracing,
         )
 
     @staticmethod
@@ -268,6 +288,7 @@ class Daemon:
                 "metrics": self.settings.metrics_listen if self.metrics_runner else "disabled",
                 "spool": str(self.settings.spool_path),
                 "providers": ",".join(snap.providers),
+                "tracing": self.tracing.export.describe() if self.tracing else "off",
             },
         )
         if snap.personal_mode:
@@ -330,6 +351,9 @@ class Daemon:
             if self.metrics_runner is not None:
                 await self.metrics_runner.cleanup()
             await self.spool.close()
+            if self.tracing is not None:
+                # Every interception has ended: their spans go out before the process does.
+                await self.tracing.close()
         finally:
             # Whatever failed above, the last access lines (the streams shutdown ended) are
             # written and the metrics let go of this daemon.

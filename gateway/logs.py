@@ -18,6 +18,7 @@ import atexit
 import json
 import logging
 import os
+import select
 import sys
 import threading
 import time
@@ -136,7 +137,22 @@ class JsonFormatter(logging.Formatter):
 class _Direct:
     """Where :class:`EventLog` writes under the daemon: the handler's stream, in batches."""
 
-    __slots__ = ("clock", "handler", "info", "json", "loop", "pending", "thread")
+    __slots__ = (
+        "clock",
+        "dropped_bytes",
+        "dropped_lines",
+        "handler",
+        "info",
+        "json",
+        "loop",
+        "pending",
+        "retry_loop",
+        "thread",
+    )
+    # Lines kept while stderr cannot take them (a non-blocking pipe whose reader lags), in bytes;
+    # how long a write off the event loop waits for stderr (before the loop runs, at shutdown).
+    BLOCKED_MAX = 1 << 20
+    BLOCKED_WAIT = 2.0
 
     def __init__(self, handler: logging.StreamHandler[Any], as_json: bool, level: int) -> None:
         self.handler = handler
@@ -147,6 +163,11 @@ class _Direct:
         # Set while a daemon runs (``EventLog.bind``): batches are flushed from its loop.
         self.loop: asyncio.AbstractEventLoop | None = None
         self.thread = 0
+        # Lines given up while stderr could not take them (past ``BLOCKED_MAX``), told once it can.
+        self.dropped_lines = 0
+        self.dropped_bytes = 0
+        # The loop on which a retry of a blocked write is scheduled (one at a time).
+        self.retry_loop: asyncio.AbstractEventLoop | None = None
 
     def add(self, data: bytes) -> None:
         pending = self.pending
@@ -162,6 +183,8 @@ class _Direct:
             self.loop.call_later(FLUSH_EVERY, self.flush)
 
     def flush(self) -> None:
+        """Write the queued lines. What a non-blocking stderr does not take now stays queued,
+        first, and is retried shortly (on the loop's thread: never blocking it)."""
         if not self.pending:
             return
         data = b"".join(self.pending)
@@ -172,13 +195,78 @@ class _Direct:
         try:
             stream = handler.stream
             stream.flush()
-            fd = stream.fileno()
-            while data:
-                data = data[os.write(fd, data) :]
-        except Exception:  # a closed or broken stderr must not fail the daemon
+            data = self._write(stream.fileno(), data)
+        except BlockingIOError:  # from stream.flush: nothing of ``data`` written yet
             pass
+        except Exception:  # a closed or broken stderr must not fail the daemon
+            data = b""
         finally:
             handler.release()
+        if data:
+            self._blocked(data)
+
+    def _on_loop(self) -> bool:
+        loop = self.loop
+        return loop is not None and self.thread == threading.get_ident() and not loop.is_closed()
+
+    def _write(self, fd: int, data: bytes) -> bytes:
+        # ``data`` written to ``fd``, then the notice of lines dropped, if any; what is left when
+        # ``fd`` would block (off the loop: after waiting up to ``BLOCKED_WAIT`` for it).
+        view = memoryview(data)
+        deadline = 0.0
+        while True:
+            while view:
+                try:
+                    view = view[os.write(fd, view) :]
+                except BlockingIOError:
+                    if self._on_loop():
+                        return bytes(view)
+                    now = time.monotonic()
+                    deadline = deadline or now + self.BLOCKED_WAIT
+                    if now >= deadline or not self._writable(fd, deadline - now):
+                        return bytes(view)
+            if not self.dropped_lines:
+                return b""
+            view = memoryview(self._dropped_notice())
+
+    def _blocked(self, data: bytes) -> None:
+        # Keep the unwritten ``data`` (its oldest ``BLOCKED_MAX`` bytes, whole lines) ahead of
+        # the lines queued since, and retry soon.
+        limit = self.BLOCKED_MAX
+        if len(data) > limit:
+            # The first line may be the rest of one partly written: it is kept whole.
+            cut = data.rfind(b"\n", 0, limit) + 1 or data.find(b"\n") + 1 or len(data)
+            self.dropped_lines += data.count(b"\n", cut)
+            self.dropped_bytes += len(data) - cut
+            data = data[:cut]
+        if data:
+            self.pending.insert(0, data)
+        loop = self.loop
+        if loop is not None and self.retry_loop is not loop and self._on_loop():
+            self.retry_loop = loop
+            loop.call_later(FLUSH_EVERY, self._retry)
+
+    def _retry(self) -> None:
+        self.retry_loop = None
+        self.flush()
+
+    def _dropped_notice(self) -> bytes:
+        # One line for the lines ``_blocked`` gave up; the counts start again.
+        fields = {"dropped_lines": self.dropped_lines, "dropped_bytes": self.dropped_bytes}
+        self.dropped_lines = self.dropped_bytes = 0
+        stamp = self.clock.stamp(time.time())
+        message = "log lines dropped: stderr was not writable"
+        if self.json:
+            head = {"time": stamp, "level": "WARNING", "logger": "aibridged.logs"}
+            line = head | {"message": message} | fields
+            return orjson.dumps(line, option=orjson.OPT_APPEND_NEWLINE)
+        return f"{stamp} WARNING aibridged.logs {message} {_text_fields(fields)}\n".encode()
+
+    @staticmethod
+    def _writable(fd: int, timeout: float) -> bool:
+        poller = select.poll()
+        poller.register(fd, select.POLLOUT)
+        return bool(poller.poll(timeout * 1000))
 
 
 class EventLog:
@@ -266,14 +354,16 @@ def json_template(logger: str, message: str, fields: tuple[tuple[str, str], ...]
 
     ``fields`` are ``(key, spec)``: ``spec`` formats the value's JSON text, given as bytes:
     ``'"%s"'`` for ASCII text known to need no escaping, ``"%s"`` for JSON text
-    (``orjson.dumps(value)``), ``"%d"`` for an integer.
+    (``orjson.dumps(value)``), ``"%d"`` for an integer. An empty key splices ``spec`` alone:
+    ``("", "%s")`` takes several ``"key":value`` members rendered beforehand.
     """
 
     def text(value: str) -> str:
         return orjson.dumps(value).decode().replace("%", "%%")
 
     head = f'{{"time":"%s","level":"INFO","logger":{text(logger)},"message":{text(message)}'
-    line = head + "".join(f",{text(key)}:{spec}" for key, spec in fields) + "}\n"
+    line = head + "".join(f",{text(key)}:{spec}" if key else f",{spec}" for key, spec in fields)
+    line += "}\n"
     return line.encode()
 
 

@@ -24,12 +24,15 @@ import re
 from bisect import bisect_left
 from collections.abc import Sequence
 from time import perf_counter
+from typing import TYPE_CHECKING
 
 from gateway.access_log import (
     ACCESS,
     ENDED_JSON,
+    FRAGMENTS,
     JSON_TEXTS,
     LOGGED_TEXT,
+    ended_fragment,
     json_text,
     log_ended,
 )
@@ -38,6 +41,9 @@ from gateway.logs import JSON_LINES
 from gateway.metrics import DURATION_BUCKETS, MCP_BUCKETS, OVERHEAD_BUCKETS, TTFB_BUCKETS
 from gateway.ports import UsageSink
 from gateway.records import PromptUsage, Record, TokenUsage, ToolUsage
+
+if TYPE_CHECKING:
+    from gateway.tracing import InterceptionTrace
 
 OTHER = "other"
 DEFAULT_MODEL_PATTERN = r"[A-Za-z0-9._:@/-]{1,100}"
@@ -225,6 +231,7 @@ class Observation:
         "started",
         "streaming",
         "tail",
+        "trace",
         "usage",
     )
 
@@ -259,6 +266,8 @@ class Observation:
         self.busy = busy
         self.first_byte = self.tail = 0.0
         self.input = self.output = self.cache_read = self.cache_write = 0
+        # Its spans, when tracing is on (set by the handler).
+        self.trace: InterceptionTrace | None = None
         route.inflight += 1
 
     def submit(self, record: Record) -> None:
@@ -312,22 +321,33 @@ class Observation:
         histogram = route.overhead
         histogram.counts[bisect_left(histogram.bounds, overhead)] += 1
         histogram.sum += overhead
+        if self.trace is not None:
+            self.trace.end(
+                status,
+                outcome.error_type,
+                outcome.error_message,
+                outcome.upstream_status,
+                (self.input, self.output, self.cache_read, self.cache_write),
+            )
         mode = ACCESS.mode()
         if mode == JSON_LINES:
-            texts = JSON_TEXTS
             try:
+                names = route.names
+                model, actor_id, client, streaming = (
+                    self.model,
+                    self.actor_id,
+                    self.client,
+                    self.streaming,
+                )
                 ACCESS.add_json(
                     ENDED_JSON,
                     (
                         self.id.encode(),
-                        *route.names,
-                        texts.get(self.model) or json_text(self.model),
-                        texts.get(self.actor_id) or json_text(self.actor_id),
-                        texts.get(self.client) or json_text(self.client),
-                        b"true" if self.streaming else b"false",
+                        FRAGMENTS.get((names, model, actor_id, client, streaming))
+                        or ended_fragment(names, model, actor_id, client, streaming),
                         status.encode(),
                         outcome.upstream_status,
-                        texts.get(outcome.error_type) or json_text(outcome.error_type),
+                        JSON_TEXTS.get(outcome.error_type) or json_text(outcome.error_type),
                         int(duration * 1e6),
                         int(ttfb * 1e6),
                         int(overhead * 1e6),

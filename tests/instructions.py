@@ -8,6 +8,7 @@ at concurrency 10. The count is the same from run to run within about 1%, whatev
 machine does. Needs valgrind (Debian package ``valgrind``); takes about a minute.
 
     .venv/bin/python tests/instructions.py [--requests N] [--target gateway|bare] [--keep FILE]
+        [--log-level info]
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ from pathlib import Path
 
 import aiohttp
 import uvloop
+import yaml
 
 from tests import benchmark as bench
 
@@ -68,6 +70,11 @@ def main() -> int:
     parser.add_argument("--requests", type=int, default=1000)
     parser.add_argument("--target", choices=("gateway", "bare"), default="gateway")
     parser.add_argument("--keep", metavar="FILE", help="keep the callgrind output here")
+    parser.add_argument(
+        "--log-level",
+        default="warning",
+        help="the gateway's log_level (info: one access line per request, the default's cost)",
+    )
     args = parser.parse_args()
     if shutil.which("valgrind") is None:
         print("valgrind not found (apt-get install valgrind)", file=sys.stderr)
@@ -92,6 +99,10 @@ def main() -> int:
                 config_proc, url = bench.start_gateway(tmp, upstream)  # writes the config
                 config_proc.kill()
                 config_proc.wait()
+                config_file = tmp / "aibridged.yaml"
+                config = yaml.safe_load(config_file.read_text())
+                config["log_level"] = args.log_level
+                config_file.write_text(yaml.safe_dump(config))
                 serve = [sys.executable, "-m", "gateway", "serve", "--config"]
                 cmd = [*grind, *serve, str(tmp / "aibridged.yaml")]
                 proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)

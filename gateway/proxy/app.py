@@ -6,6 +6,7 @@ import asyncio
 import functools
 import re
 from collections.abc import AsyncIterator
+from typing import TYPE_CHECKING
 
 import aiohttp
 from aiohttp import web
@@ -22,6 +23,9 @@ from gateway.proxy.relay import RelayOptions
 from gateway.proxy.upstream import make_session, stripped_headers
 from gateway.state import StateHolder
 from gateway.tools.mcp_pool import McpPool
+
+if TYPE_CHECKING:
+    from gateway.tracing import Tracing
 
 
 class Readiness:
@@ -74,9 +78,10 @@ def build_app(
     readiness: Readiness,
     mcp_pool: McpPool | None = None,
     stats: GatewayStats | None = None,
+    tracing: Tracing | None = None,
 ) -> web.Application:
     """Wire routes and the upstream session's lifetime to the app (``stats``: what the
-    metrics read; a fresh set when None)."""
+    metrics read, a fresh set when None; ``tracing``: the daemon's, when traces are on)."""
     # No middleware (it costs every request two coroutines): handlers are wrapped once here, or
     # shape their own failures (intercept, passthrough), and the router answers unknown routes
     # and methods. Every route is bound to its dialect or provider type here, once.
@@ -101,6 +106,7 @@ def build_app(
         body_timeout=settings.client_body_timeout,
         body_total_timeout=settings.client_body_total_timeout,
         stats=stats if stats is not None else GatewayStats(),
+        tracing=tracing,
     )
 
     app[OPEN_STREAMS] = services.relay.streams

@@ -12,6 +12,7 @@ from collections.abc import Awaitable, Callable
 import aiohttp
 from aiohttp import web
 
+from gateway.access_log import log_refused
 from gateway.intercept.dialect import ProviderApi
 from gateway.intercept.dialects import UNROUTED
 
@@ -38,34 +39,39 @@ def method_not_allowed(api: ProviderApi, request: web.Request) -> web.Response:
     return error_response(api, 405, f"method {request.method} not allowed on {request.path}")
 
 
-async def unknown_route(request: web.Request) -> web.Response:
-    """Handler of the catch-all route, registered last: the 404, in ``UNROUTED``'s shape."""
-    return route_not_found(UNROUTED, request)
+def _logged(request: web.Request, response: web.Response, reason: str) -> web.Response:
+    # The access line of a request answered without becoming an interception.
+    log_refused(request.method, request.path, request.remote, response.status, reason)
+    return response
 
 
 async def wrong_method(api: ProviderApi, request: web.Request) -> web.Response:
-    """Handler of each known path's ``*`` route, after its methods: the 405 (bind ``api``)."""
-    return method_not_allowed(api, request)
+    """Handler of a known path's ``*`` route, after its methods: the 405, logged (bind
+    ``api``)."""
+    return _logged(request, method_not_allowed(api, request), "method not allowed")
 
 
 def failure_response(api: ProviderApi, request: web.Request, exc: Exception) -> web.Response | None:
     """What the client gets for an exception escaping a handler; None to let it propagate.
 
     Call from the ``except`` clause (an unexpected failure is logged with its traceback). Every
-    failure gets ``api``'s error shape. Redirects and client disconnects propagate.
+    failure gets ``api``'s error shape and an access line. Redirects and client disconnects
+    propagate.
     """
     if isinstance(exc, web.HTTPException):
         if exc.status < 400:
             return None
         if exc.status == 404:
-            return route_not_found(api, request)
+            return _logged(request, route_not_found(api, request), "route not supported")
         if exc.status == 405:
-            return method_not_allowed(api, request)
-        return error_response(api, exc.status, exc.reason)
+            return _logged(request, method_not_allowed(api, request), "method not allowed")
+        return _logged(request, error_response(api, exc.status, exc.reason), exc.reason)
     if isinstance(exc, (ConnectionResetError, aiohttp.ClientConnectionResetError)):
         return None
     _app_log.exception("unhandled error on %s %s", request.method, request.path)
-    return error_response(api, 500, "internal gateway error")
+    return _logged(
+        request, error_response(api, 500, "internal gateway error"), "internal gateway error"
+    )
 
 
 def provider_shaped(handler: Handler, api: ProviderApi = UNROUTED) -> Handler:

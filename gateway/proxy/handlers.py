@@ -11,6 +11,7 @@ import logging
 import re
 from dataclasses import dataclass, field
 from time import perf_counter
+from typing import TYPE_CHECKING
 
 import aiohttp
 import orjson
@@ -43,6 +44,9 @@ from gateway.records import InterceptionStarted, new_interception_id
 from gateway.state import Provider, Snapshot, StateHolder
 from gateway.tools.mcp_pool import McpPool
 
+if TYPE_CHECKING:
+    from gateway.tracing import Tracing
+
 log = logging.getLogger("aibridged.handlers")
 
 
@@ -69,6 +73,8 @@ class Services:
     loop_ref: list[asyncio.AbstractEventLoop] = field(default_factory=list)
     # What the metrics and the per-request log lines count.
     stats: GatewayStats = field(default_factory=GatewayStats)
+    # Spans of interceptions, when tracing is on (``gateway.trace_settings``).
+    tracing: Tracing | None = None
 
     @property
     def session(self) -> aiohttp.ClientSession:
@@ -83,7 +89,7 @@ async def _tool_loop(
     parsed: ParsedRequest,
     interception_id: str,
     shapes: ToolShapes,
-    sink: UsageSink,
+    sink: Observation,
 ) -> ToolLoop | None:
     """The injected tools for this request, already added to ``parsed.parsed``; None if none.
 
@@ -99,6 +105,7 @@ async def _tool_loop(
         sink,
         shapes,
         services.stats,
+        sink.trace,
     )
     if loop is None or not loop.inject(parsed.parsed):
         return None
@@ -299,6 +306,25 @@ async def intercept(
             started,
             reading - started,
         )
+        tracing = services.tracing
+        if tracing is not None:
+            sink.trace = tracing.interception(
+                request_headers,
+                started,
+                {
+                    "interception_id": interception_id,
+                    "provider": provider.name,
+                    "api": dialect.name,
+                    "model": parsed.model,
+                    "actor_id": actor.id,
+                    "client": client,
+                    "streaming": parsed.stream,
+                    "request_path": request.path,
+                    "gen_ai.system": provider.type,
+                    "gen_ai.operation.name": "chat",
+                    "gen_ai.request.model": parsed.model,
+                },
+            )
         icpt = Interception(
             dialect,
             interception_id,

@@ -130,6 +130,7 @@ class Interception:
             self._max_retries,
             self.id,
             self.sink.route.upstream,
+            self.sink.trace,
         )
 
     def upstream_failed(self, exc: BaseException, started: bool = False) -> UpstreamFailure:

@@ -30,12 +30,21 @@ import resource
 from typing import Any
 
 from aiohttp import web
-from aiohttp.http_exceptions import HttpProcessingError
+from aiohttp.http_exceptions import (
+    BadHttpMethod,
+    BadStatusLine,
+    HttpProcessingError,
+    InvalidHeader,
+    InvalidURLError,
+    LineTooLong,
+    TransferEncodingError,
+)
 from aiohttp.streams import StreamReader
 from aiohttp.web_protocol import RequestHandler, RequestPayloadError, _ErrInfo
 from aiohttp.web_request import BaseRequest
 from aiohttp.web_server import Server
 
+from gateway.access_log import log_refused
 from gateway.intercept.dialects import UNROUTED
 
 log = logging.getLogger("aibridged.server")
@@ -50,6 +59,30 @@ def malformed_request_text(detail: str | None) -> str:
     return f"malformed HTTP request: {first}" if first else "malformed HTTP request"
 
 
+# The gist of the parse errors whose message quotes the request's bytes (a header line may hold a
+# key): the log gets these words instead.
+_PARSE_GISTS: tuple[tuple[type[HttpProcessingError], str], ...] = (
+    (LineTooLong, "request line or header too long"),
+    (InvalidHeader, "invalid header"),
+    (BadHttpMethod, "invalid method"),
+    (BadStatusLine, "invalid request line"),
+    (InvalidURLError, "invalid request target"),
+    (TransferEncodingError, "invalid chunked body"),
+)
+
+
+def parse_error_reason(exc: BaseException | None, message: str | None) -> str:
+    """The access line's reason for a request the HTTP parser refused: its gist, never the
+    request's bytes (the client's message may quote them; the log must not)."""
+    for kind, gist in _PARSE_GISTS:
+        if isinstance(exc, kind):
+            if kind is BadHttpMethod and "HTTPS traffic" in (message or ""):
+                gist = "HTTPS traffic on an HTTP port"
+            return f"malformed HTTP request: {gist}"
+    # The other messages are fixed words, or llhttp's reason followed by ":" and the bytes.
+    return malformed_request_text((message or "").partition(":")[0][:100])
+
+
 class TimedRequestHandler(RequestHandler):
     """aiohttp's connection protocol with a deadline on request headers.
 
@@ -58,13 +91,15 @@ class TimedRequestHandler(RequestHandler):
     headers: a deadline earlier than aiohttp's replaces it.
     """
 
-    __slots__ = ("_body", "_header_timeout")
+    __slots__ = ("_body", "_head_deadline", "_header_timeout")
 
     def __init__(self, manager: Server, *, header_timeout: float, **kwargs: Any) -> None:
         super().__init__(manager, **kwargs)
         self._header_timeout = header_timeout
         # The body of the latest request parsed, which is the one the parser is reading.
         self._body: StreamReader | None = None
+        # The deadline of a request head that had begun to arrive (see _process_keepalive).
+        self._head_deadline = -1.0
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         """Start serving; the first request's headers are due within the header timeout."""
@@ -82,6 +117,7 @@ class TimedRequestHandler(RequestHandler):
         waiter = self._waiter
         if waiter is not None and not waiter.done():
             self._headers_due(self._loop.time() + self._header_timeout)
+            self._head_deadline = self._next_keepalive_close_time
         messages = self._messages
         if messages:
             message, payload = messages[-1]
@@ -116,6 +152,19 @@ class TimedRequestHandler(RequestHandler):
             handle.cancel()
         self._keepalive_handle = self._loop.call_at(deadline, self._process_keepalive)
 
+    def _process_keepalive(self) -> None:
+        # A connection cut while a request's head was arriving gets an access line; one merely
+        # idle (no byte of a request yet, or kept alive after one) closes without a word. After
+        # a response aiohttp sets a new close time: a head deadline recorded earlier is stale.
+        due = self._next_keepalive_close_time
+        transport = self.transport
+        closing = self._force_close
+        super()._process_keepalive()
+        if self._force_close and not closing and due == self._head_deadline:
+            peer = transport.get_extra_info("peername") if transport is not None else None
+            remote = peer[0] if isinstance(peer, (tuple, list)) else ""
+            log_refused("", "", remote, 408, "request headers not received in time")
+
     def handle_error(
         self,
         request: BaseRequest,
@@ -127,8 +176,9 @@ class TimedRequestHandler(RequestHandler):
         unrouted requests (``UNROUTED``: no route is known yet).
 
         aiohttp would answer in plain text and log a traceback, which any client can cause on
-        every connection; a malformed request is logged at debug level instead. A 500 here is a
-        bug in the gateway, logged with its traceback.
+        every connection; a malformed request gets an access line instead, with the gist of the
+        parse error (no traceback: its message may quote a header's value). A 500 here is a bug
+        in the gateway, logged with its traceback.
         """
         if request.writer.output_size > 0:
             raise ConnectionError("response already started: cannot answer with an error")
@@ -138,9 +188,13 @@ class TimedRequestHandler(RequestHandler):
                 log.debug("client gone", exc_info=exc)
             else:
                 log.error("unhandled error in the HTTP server", exc_info=exc)
+                log_refused(
+                    request.method, request.path, request.remote, status, "internal gateway error"
+                )
             text = "internal gateway error"
         else:
-            log.debug("malformed request", exc_info=exc)
+            # Nothing of the request was parsed: no method or path to log.
+            log_refused("", "", request.remote, status, parse_error_reason(exc, message))
             text = malformed_request_text(message)
         response = web.Response(
             status=status, body=UNROUTED.error_body(status, text), content_type="application/json"

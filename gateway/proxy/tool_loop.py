@@ -13,7 +13,7 @@ import logging
 import re
 import time
 from collections.abc import Mapping, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import orjson
 
@@ -25,6 +25,10 @@ from gateway.records import ToolUsage
 from gateway.state import McpServer, Snapshot
 from gateway.tools.mcp_pool import McpCallError, McpPool
 from gateway.tools.naming import ToolCatalog, ToolRef, allowed
+
+if TYPE_CHECKING:
+    from gateway.tools.mcp_pool import McpToolInfo
+    from gateway.tracing import InterceptionTrace
 
 log = logging.getLogger("aibridged.tools")
 
@@ -41,8 +45,10 @@ class ToolLoop:
         sink: UsageSink,
         shapes: ToolShapes,
         stats: GatewayStats,
+        trace: InterceptionTrace | None = None,
     ) -> None:
         self.pool = pool
+        self.trace = trace
         self.stats = stats
         self.actor_id = actor_id
         self.catalog = catalog
@@ -60,12 +66,23 @@ class ToolLoop:
         sink: UsageSink,
         shapes: ToolShapes,
         stats: GatewayStats,
+        trace: InterceptionTrace | None = None,
     ) -> ToolLoop | None:
-        """List the actor's tools (servers that are down are left out); None when there are none."""
+        """List the actor's tools (servers that are down are left out); None when there are none.
+
+        With ``trace``, the listing and each call the loop runs are spans of the interception.
+        """
         if not snapshot.mcp_servers:
             return None
+        span = None if trace is None else trace.listing()
+        listed: list[McpToolInfo] = []
+        try:
+            listed = await pool.list_tools(actor_id)
+        finally:
+            if span is not None:
+                span.listed(len(listed))
         refs: dict[tuple[str, str], ToolRef] = {}
-        for info in await pool.list_tools(actor_id):
+        for info in listed:
             server = snapshot.mcp_servers.get(info.server_id)
             if server is None or not _allowed(info.name, server):
                 continue
@@ -78,7 +95,9 @@ class ToolLoop:
             )
         if not refs:
             return None
-        return cls(pool, actor_id, ToolCatalog(refs.values()), interception_id, sink, shapes, stats)
+        return cls(
+            pool, actor_id, ToolCatalog(refs.values()), interception_id, sink, shapes, stats, trace
+        )
 
     def inject(self, body: dict[str, Any]) -> bool:
         """Add the tools to the request; False (request untouched) when its shape forbids it."""
@@ -108,18 +127,27 @@ class ToolLoop:
         started = time.perf_counter()
         error = ""
         outcome = "ok"
+        span = None
+        if self.trace is not None:
+            span = self.trace.tool_call(ref.server_id, ref.server_url, ref.name)
         try:
             result = await self.pool.call(self.actor_id, ref.server_id, ref.name, call.input)
         except McpCallError as exc:
             error = str(exc) or type(exc).__name__
             block = self.shapes.error(call.tool_use_id, error)
             outcome = "timeout" if isinstance(exc.__cause__, TimeoutError) else "error"
+        except BaseException:  # cancelled: the span still ends
+            if span is not None:
+                span.called("cancelled", "the call was cancelled")
+            raise
         else:
             block = self.shapes.result(call.tool_use_id, result.content, result.is_error)
             if result.is_error:
                 error = _error_text(result.content)
                 outcome = "tool_error"
         seconds = time.perf_counter() - started
+        if span is not None:
+            span.called(outcome, error)
         self.stats.mcp_call(ref.server_id, outcome, seconds)
         log.log(
             logging.WARNING if error else logging.DEBUG,

@@ -27,6 +27,8 @@ if TYPE_CHECKING:
     from aiohttp.connector import Connection
     from aiohttp.tracing import Trace
 
+    from gateway.tracing import InterceptionTrace
+
 log = logging.getLogger("aibridged.upstream")
 
 # Whether the calling task's latest upstream connection came from the pool. A context variable:
@@ -70,10 +72,12 @@ async def post(
     max_retries: int,
     interception_id: str,
     codes: dict[int | str, int],
+    trace: InterceptionTrace | None = None,
 ) -> aiohttp.ClientResponse:
     """POST ``body`` to ``url``; the response to use (a success or the last error response).
 
-    Each attempt is counted in ``codes`` (the metrics): by its HTTP status, or ``"error"``.
+    Each attempt is counted in ``codes`` (the metrics): by its HTTP status, or ``"error"``;
+    with ``trace``, each is a span whose context goes upstream in ``traceparent``.
 
     Raises one of ``UPSTREAM_ERRORS`` when no usable response came: the last attempt's I/O
     failure, or :class:`UpstreamRedirect` for a 3xx (a redirect would carry the credential to
@@ -83,6 +87,7 @@ async def post(
     spare = True  # the extra attempt a stale pooled connection may cost, once per call
     while True:
         _reused.set(False)
+        span = None if trace is None else trace.upstream(url, headers, attempt)
         try:
             resp = await session.post(
                 url,
@@ -93,6 +98,8 @@ async def post(
                 auto_decompress=True,
             )
         except UPSTREAM_ERRORS as exc:
+            if span is not None:
+                span.ended(0, exc)
             codes["error"] = codes.get("error", 0) + 1
             if spare and _stale(exc):
                 spare = False
@@ -101,8 +108,14 @@ async def post(
             if attempt >= max_retries:
                 raise
             delay = retry_delay(attempt, _NO_HEADERS, random.random())
+        except BaseException as exc:  # cancelled: the span still ends
+            if span is not None:
+                span.ended(0, exc)
+            raise
         else:
             status = resp.status
+            if span is not None:
+                span.ended(status)
             codes[status] = codes.get(status, 0) + 1
             if status < 300:
                 return resp
