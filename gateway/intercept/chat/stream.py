@@ -1,0 +1,359 @@
+"""Chat Completions stream rewriter: a pure state machine fed with SSE chunks.
+
+Every chunk is a ``data:`` line holding a ``chat.completion.chunk`` whose ``id`` the client must
+see as the interception id; ``data: [DONE]`` ends the stream. Without injected tools the bulk of a
+stream (text deltas) needs no parsing: once the first chunk taught the rewriter the exact bytes
+that open each chunk (``data: {"id":"chatcmpl-..."``), a run of whole chunks that all open so and
+hold no ``"tool_calls"``, no ``"error"`` and no usage but ``"usage":null`` is rewritten by one
+``bytes.replace``: a few byte searches in C, no Python per chunk. Only the chunks that matter are
+parsed: the first, tool-call fragments (to record the calls), the usage chunk (to record it, and
+to hide it from a client that did not ask for it: the gateway always does), errors and
+``[DONE]`` (which do not open with the id). Each search is a necessary condition: JSON escapes
+the quotes of a string, so text content cannot fake a key; a false alarm only costs a parse.
+
+With injected tools one client-visible stream may span several upstream turns, and every chunk
+is parsed: injected calls are hidden, visible calls keep coherent ``index`` values, and between
+turns the client sees no finish chunk, no usage chunk, no ``[DONE]`` and no second ``role``. The
+last turn's usage chunk carries the totals over the turns. A key is never added to a chunk.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import orjson
+
+from gateway.intercept.chat.calls import TurnCalls, not_run_reason
+from gateway.intercept.chat.tools import assistant_message
+from gateway.intercept.chat.usage import ChatUsage, add_usage, apply_totals
+from gateway.intercept.rewriter import TurnResult
+from gateway.records import PromptUsage, Record
+from gateway.sse import Frame, SSEFramer
+
+# What may precede the id's value at the start of a chunk for the bytes fast path.
+_ID_HEAD = re.compile(rb"data: ?\{\s*\"id\"\s*:\s*")
+
+
+@dataclass(slots=True)
+class StreamError:
+    """An error the upstream reported inside the stream (relayed to the client as it came)."""
+
+    type: str
+    message: str
+
+
+class ChatStream:
+    """Rewrites one client-visible Chat Completions stream and extracts its records."""
+
+    def __init__(
+        self,
+        interception_id: str,
+        prompt: str | None,
+        injected: Callable[[str], bool] | None = None,
+        client_usage: bool = True,
+    ) -> None:
+        """``client_usage``: whether the client asked for the usage chunk itself."""
+        self.interception_id = interception_id
+        self._quoted_iid = orjson.dumps(interception_id)
+        self._prompt = prompt
+        self._prompt_recorded = prompt is None
+        self._injected = injected
+        self._client_usage = client_usage
+        self._records: list[Record] = []
+        self.error: StreamError | None = None
+        # True once the client-visible ``data: [DONE]`` has been produced.
+        self.stop_relayed = False
+        # How many upstream turns came before the current one.
+        self.turn = 0
+        # Next client-visible tool-call index per choice, across turns.
+        self._next_client: dict[int, int] = {}
+        # Usage summed over the ended turns, in the provider's shape (for the client).
+        self._totals: dict[str, Any] = {}
+        self._start_turn()
+
+    def _start_turn(self) -> None:
+        # The turn's upstream id: None until its first chunk is read.
+        self._msg_id: str | None = None
+        # The bytes opening each chunk of the turn, and their rewrite (fast path), if known.
+        self._old: bytes | None = None
+        self._new = b""
+        self._usage = ChatUsage()
+        self._turn_usage: dict[str, Any] = {}
+        self._calls = TurnCalls(self._injected, self._next_client)
+        self._content: list[str] = []
+        self._choices: set[int] = set()
+        # choices[0].finish_reason, "" until seen.
+        self.stop_reason = ""
+        # The turn stopped to have injected tools run: its end stays hidden.
+        self.continues = False
+        self._done = False
+        self._ended = False
+
+    # -- public API -------------------------------------------------------------------------
+
+    def feed_chunk(self, framer: SSEFramer, chunk: bytes) -> bytes | None:
+        """Frame ``chunk`` and process what it completes: the client bytes, or None if nothing."""
+        region = framer.feed_region(chunk)
+        if region is None:
+            frames = framer.feed(chunk)
+            return self.feed_all(frames) if frames else None
+        if not region:
+            return None
+        old = self._old
+        if old is not None and _plain(region):
+            n = region.count(old)
+            # Each chunk opens with the known bytes (content cannot hold a raw newline).
+            if n == region.count(b"\ndata:") + region.startswith(b"data:"):
+                return region.replace(old, self._new) if n else region
+        return self.feed_all(SSEFramer().feed(region))
+
+    def feed_all(self, frames: list[Frame]) -> bytes:
+        """Process frames in order and return the client bytes for all of them, joined."""
+        if len(frames) == 1:
+            return self.feed(frames[0])
+        return b"".join([self.feed(f) for f in frames])
+
+    def feed(self, frame: Frame) -> bytes:
+        """Process one upstream frame; return what the client must receive for it."""
+        raw = frame.raw
+        old = self._old
+        if old is not None and raw.startswith(old) and _plain(raw):
+            return self._new + raw[len(old) :]
+        data = frame.data
+        if not data:
+            return raw  # a comment (keep-alive) or an empty event
+        if data == b"[DONE]":
+            return self._on_done(raw)
+        try:
+            obj = orjson.loads(data)
+        except orjson.JSONDecodeError:
+            return raw
+        if not isinstance(obj, dict):
+            return raw
+        return self._chunk(raw, obj)
+
+    def take_records(self) -> list[Record]:
+        """Records produced since the last call, in order."""
+        records, self._records = self._records, []
+        return records
+
+    def finish(self) -> list[Record]:
+        """Close the stream (normally or not): the records of a cut turn, the prompt."""
+        self._end_turn()
+        self._record_prompt("")
+        return self.take_records()
+
+    def turn_result(self) -> TurnResult:
+        """How the upstream turn that just ended ended, for the agentic loop."""
+        msg_id = self._msg_id or ""
+        injected = self._calls.injected
+        if self.continues and self._done:
+            assistant = assistant_message("".join(self._content), injected)
+            calls = [slot.tool_call(msg_id) for slot in injected]
+            return TurnResult(calls, (), "", assistant, self.stop_reason)
+        skipped = [slot.tool_call(msg_id) for slot in injected]
+        reason = ""
+        if skipped:
+            reason = not_run_reason(bool(self._calls.client), len(self._choices), self.stop_reason)
+        return TurnResult((), skipped, reason, None, self.stop_reason)
+
+    def next_turn(self) -> None:
+        """Prepare for the next upstream stream of the same client-visible stream."""
+        assert self._injected is not None, "only available with injected tools"
+        self._end_turn()
+        self.turn += 1
+        self._start_turn()
+
+    # -- chunks -----------------------------------------------------------------------------
+
+    def _chunk(self, raw: bytes, obj: dict[str, Any]) -> bytes:
+        if "error" in obj and "choices" not in obj:
+            err = obj["error"]
+            if isinstance(err, dict):
+                kind = str(err.get("type") or err.get("code") or "error")
+                self.error = StreamError(kind, str(err.get("message") or ""))
+            else:
+                self.error = StreamError("error", str(err)[:200])
+            return raw
+        chunk_id = obj.get("id")
+        if self._msg_id is None:
+            self._first_chunk(raw, chunk_id)
+        changed = False
+        choices = obj.get("choices")
+        had_choices = False
+        if isinstance(choices, list) and choices:
+            had_choices = True
+            changed = self._read_choices(choices)
+        usage = obj.get("usage")
+        if isinstance(usage, dict):
+            self._usage.update(usage)
+            self._turn_usage = {}
+            add_usage(self._turn_usage, usage)
+            if not choices and (self.continues or not self._client_usage):
+                return b""  # the usage-only chunk of a hidden turn end, or one nobody asked for
+            if self.turn and not self.continues:
+                totals: dict[str, Any] = {}
+                add_usage(totals, self._totals)
+                add_usage(totals, usage)
+                apply_totals(usage, totals)
+                changed = True
+        elif had_choices and not choices:
+            return b""  # nothing of it is left for the client
+        if not changed:
+            return self._swap_id(raw, chunk_id, obj)
+        return self._encode(obj)
+
+    def _read_choices(self, choices: list[Any]) -> bool:
+        """Track the choices' deltas; edit them in place for the client; whether any changed."""
+        injecting = self._injected is not None
+        changed = False
+        kept = []
+        for choice in choices:
+            if not isinstance(choice, dict):
+                kept.append(choice)
+                continue
+            index = choice.get("index")
+            index = index if type(index) is int else 0
+            self._choices.add(index)
+            edited = False
+            delta = choice.get("delta")
+            if isinstance(delta, dict):
+                if injecting:
+                    content = delta.get("content")
+                    if index == 0 and isinstance(content, str):
+                        self._content.append(content)
+                    # The SDKs concatenate every string of a delta: a second role would
+                    # read "assistantassistant".
+                    if self.turn and "role" in delta:
+                        del delta["role"]
+                        edited = True
+                fragments = delta.get("tool_calls")
+                if isinstance(fragments, list) and fragments:
+                    edited = self._tool_fragments(index, delta, fragments) or edited
+            finish = choice.get("finish_reason")
+            if isinstance(finish, str) and finish and index == 0:
+                self.stop_reason = finish
+                if injecting and self._stops_for_injected(finish):
+                    self.continues = True
+                    choice["finish_reason"] = None
+                    edited = True
+            if edited:
+                changed = True
+                if _empty(choice):
+                    continue
+            kept.append(choice)
+        if len(kept) != len(choices):
+            choices[:] = kept
+        return changed
+
+    def _tool_fragments(self, choice: int, delta: dict[str, Any], fragments: list[Any]) -> bool:
+        renumber = self._injected is not None
+        changed = False
+        kept = []
+        for fragment in fragments:
+            if not isinstance(fragment, dict):
+                kept.append(fragment)
+                continue
+            slot = self._calls.delta(choice, fragment)
+            if slot.injected:
+                changed = True
+                continue
+            if renumber and "index" in fragment and fragment["index"] != slot.client_index:
+                fragment["index"] = slot.client_index
+                changed = True
+            kept.append(fragment)
+        if len(kept) != len(fragments):
+            if kept:
+                delta["tool_calls"] = kept
+            else:
+                del delta["tool_calls"]
+        return changed
+
+    def _stops_for_injected(self, finish: str) -> bool:
+        """Whether the turn stopped to have injected tools, and only those, run."""
+        calls = self._calls
+        return (
+            finish == "tool_calls"
+            and bool(calls.injected)
+            and not calls.client
+            and len(self._choices) == 1
+        )
+
+    def _on_done(self, raw: bytes) -> bytes:
+        self._done = True
+        self._end_turn()
+        if self.continues:
+            return b""
+        self.stop_relayed = True
+        return raw
+
+    # -- helpers ----------------------------------------------------------------------------
+
+    def _first_chunk(self, raw: bytes, chunk_id: Any) -> None:
+        self._msg_id = msg_id = chunk_id if isinstance(chunk_id, str) else ""
+        self._record_prompt(msg_id)
+        if self._injected is not None or not msg_id:
+            return
+        quoted = orjson.dumps(msg_id)
+        i = raw.find(quoted)
+        if i >= 0 and _ID_HEAD.fullmatch(raw, 0, i):
+            self._old = raw[: i + len(quoted)]
+            self._new = raw[:i] + self._quoted_iid
+
+    def _swap_id(self, raw: bytes, chunk_id: Any, obj: dict[str, Any]) -> bytes:
+        """``raw`` with its id's bytes replaced, every other byte kept."""
+        if not isinstance(chunk_id, str):
+            return raw
+        quoted = orjson.dumps(chunk_id)
+        i = raw.find(quoted)
+        end = i + len(quoted)
+        if i < 0 or raw.find(quoted, end) >= 0:
+            # Spelt otherwise in the bytes (escapes), or ambiguous: re-encode.
+            return self._encode(obj)
+        return b"".join((raw[:i], self._quoted_iid, raw[end:]))
+
+    def _encode(self, obj: dict[str, Any]) -> bytes:
+        """An edited chunk, its id (if it has one) the interception's."""
+        if "id" in obj:
+            obj["id"] = self.interception_id
+        return b"data: " + orjson.dumps(obj) + b"\n\n"
+
+    def _end_turn(self) -> None:
+        """Record the turn's client tool calls and usage, once."""
+        if self._ended:
+            return
+        self._ended = True
+        msg_id = self._msg_id or ""
+        iid = self.interception_id
+        self._records.extend(slot.usage(iid, msg_id) for slot in self._calls.client)
+        if self._usage.reported:
+            self._records.append(self._usage.record(iid, msg_id))
+            add_usage(self._totals, self._turn_usage)
+
+    def _record_prompt(self, msg_id: str) -> None:
+        if not self._prompt_recorded and self._prompt is not None:
+            self._records.append(PromptUsage(self.interception_id, msg_id, self._prompt))
+            self._prompt_recorded = True
+
+
+def _plain(chunks: bytes) -> bool:
+    """Whether ``chunks`` surely hold no tool call, no error and no usage object."""
+    return (
+        b'"tool_calls"' not in chunks
+        and b'"error"' not in chunks
+        and chunks.count(b'"usage"') == chunks.count(b'"usage":null')
+    )
+
+
+_NOTHING: tuple[Any, ...] = (None, "", [])
+
+
+def _empty(choice: dict[str, Any]) -> bool:
+    """Whether an edited choice has nothing left to tell the client."""
+    delta = choice.get("delta")
+    if isinstance(delta, dict) and any(v not in _NOTHING for v in delta.values()):
+        return False
+    return choice.get("finish_reason") is None and choice.get("logprobs") is None

@@ -1,0 +1,1 @@
+"""OpenAI's provider type: what its dialects (Chat Completions, Responses) share (pure)."""

@@ -1,0 +1,64 @@
+"""OpenAI Responses as the shell sees it: ``/v1/responses`` and ``/v1/responses/compact`` (pure).
+
+Both share everything but their path and name; a compaction request gets no injected tools.
+"""
+
+from __future__ import annotations
+
+from gateway.intercept.dialect import Dialect, ToolShapes
+from gateway.intercept.openai.provider import OPENAI
+from gateway.intercept.responses.blocking import BlockingTurns
+from gateway.intercept.responses.events import KEEPALIVE, error_event, relayed_error_event
+from gateway.intercept.responses.request import parse_request
+from gateway.intercept.responses.stream import ResponsesStream
+from gateway.intercept.responses.tools import (
+    continuation,
+    function_call_error,
+    function_call_output,
+    function_tool,
+    inject_tools,
+    refuse_tools,
+)
+
+_TOOLS = ToolShapes(
+    definition=function_tool,
+    inject=inject_tools,
+    result=function_call_output,
+    error=function_call_error,
+    continuation=continuation,
+)
+
+RESPONSES = Dialect(
+    name="responses",
+    provider=OPENAI,
+    path="/v1/responses",
+    parse_request=parse_request,
+    stream=ResponsesStream,
+    blocking=BlockingTurns,
+    error_event=error_event,
+    relayed_error_event=relayed_error_event,
+    keepalive=KEEPALIVE,
+    terminal_event="response.completed",
+    tools=_TOOLS,
+)
+
+# Codex's remote compaction: relayed and accounted like any response.
+COMPACT = Dialect(
+    name="responses_compact",
+    provider=OPENAI,
+    path="/v1/responses/compact",
+    parse_request=parse_request,
+    stream=ResponsesStream,
+    blocking=BlockingTurns,
+    error_event=error_event,
+    relayed_error_event=relayed_error_event,
+    keepalive=KEEPALIVE,
+    terminal_event="response.completed",
+    tools=ToolShapes(
+        definition=function_tool,
+        inject=refuse_tools,
+        result=function_call_output,
+        error=function_call_error,
+        continuation=continuation,
+    ),
+)

@@ -1,0 +1,160 @@
+"""Output items of a Responses turn, shared by the stream and blocking rewriters (pure).
+
+What the gateway reads in an output item: client tool calls (for their records), injected
+``function_call`` items (the gateway runs them), reasoning summaries and commentary (model
+thoughts). Every other item type passes untouched and unread.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import orjson
+
+from gateway.intercept.rewriter import ToolCall
+from gateway.records import ModelThought, Record, ToolUsage
+
+# Items the client must answer before the conversation can go on: a turn with one is final.
+CLIENT_CALLS = frozenset(
+    {
+        "function_call",
+        "custom_tool_call",
+        "computer_call",
+        "local_shell_call",
+        "shell_call",
+        "apply_patch_call",
+        "mcp_approval_request",
+    }
+)
+# Client calls recorded as tool usage (their arguments have a known place).
+_RECORDED_CALLS = frozenset({"function_call", "custom_tool_call"})
+
+
+@dataclass(slots=True)
+class StreamError:
+    """An error the upstream reported inside the stream (relayed to the client as it came)."""
+
+    type: str
+    message: str
+
+
+@dataclass(frozen=True, slots=True)
+class ResponsesTurn:
+    """A turn that called only injected tools, as the continuation request needs it."""
+
+    # The upstream response's id (a continuation may chain from it).
+    response_id: str
+    # Its output items, as the provider sent them (reasoning and the injected calls included).
+    items: Sequence[dict[str, Any]]
+
+
+def is_injected_call(item: Any, injected: Callable[[str], bool] | None) -> bool:
+    """Whether ``item`` is a ``function_call`` of an injected tool (custom tools never are)."""
+    return (
+        injected is not None
+        and isinstance(item, dict)
+        and item.get("type") == "function_call"
+        and injected(str(item.get("name") or ""))
+    )
+
+
+def tool_call(item: dict[str, Any], response_id: str) -> ToolCall:
+    """An injected ``function_call`` item as the call the gateway runs."""
+    raw = item.get("arguments")
+    args: Any = None
+    if isinstance(raw, str) and raw.strip():
+        try:
+            args = orjson.loads(raw)
+        except orjson.JSONDecodeError:
+            args = None
+    return ToolCall(
+        str(item.get("call_id") or ""),
+        str(item.get("name") or ""),
+        args if isinstance(args, dict) else {},
+        response_id,
+    )
+
+
+def item_records(
+    interception_id: str,
+    response_id: str,
+    item: Any,
+    injected: Callable[[str], bool] | None,
+    records: list[Record],
+) -> bool:
+    """Append the records of one output item; return whether it is a client call.
+
+    Injected calls are recorded by the tool loop when it runs them, not here.
+    """
+    if not isinstance(item, dict):
+        return False
+    kind = item.get("type")
+    if kind == "reasoning":
+        _summaries(interception_id, response_id, item, records)
+        return False
+    if kind == "message":
+        if item.get("phase") == "commentary" or item.get("channel") == "commentary":
+            _commentary(interception_id, response_id, item, records)
+        return False
+    if kind not in CLIENT_CALLS:
+        return False
+    if is_injected_call(item, injected):
+        return False
+    if kind in _RECORDED_CALLS:
+        records.append(
+            ToolUsage(
+                interception_id=interception_id,
+                msg_id=response_id,
+                tool=str(item.get("name") or ""),
+                tool_call_id=str(item.get("call_id") or ""),
+                args=_args(item.get("arguments" if kind == "function_call" else "input")),
+            )
+        )
+    return True
+
+
+def _args(raw: Any) -> str:
+    """A call's arguments as JSON text: a function's as sent, a custom tool's free text quoted."""
+    if isinstance(raw, str):
+        if not raw.strip():
+            return "{}"
+        if raw[:1] in "{[":
+            try:
+                orjson.loads(raw)
+            except orjson.JSONDecodeError:
+                pass
+            else:
+                return raw
+        return orjson.dumps(raw).decode()
+    return orjson.dumps(raw if raw is not None else {}).decode()
+
+
+def _summaries(iid: str, response_id: str, item: dict[str, Any], records: list[Record]) -> None:
+    summary = item.get("summary")
+    if not isinstance(summary, list):
+        return
+    for part in summary:
+        text = part.get("text") if isinstance(part, dict) else None
+        if isinstance(text, str) and text:
+            records.append(ModelThought(iid, response_id, text, source="reasoning_summary"))
+
+
+def _commentary(iid: str, response_id: str, item: dict[str, Any], records: list[Record]) -> None:
+    content = item.get("content")
+    if not isinstance(content, list):
+        return
+    for part in content:
+        if not isinstance(part, dict) or part.get("type") != "output_text":
+            continue
+        text = part.get("text")
+        if isinstance(text, str) and text:
+            records.append(ModelThought(iid, response_id, text, source="commentary"))
+
+
+def not_run_reason(client_tool: bool, status: str) -> str:
+    """Why the injected calls of a final turn were not run (their ``ToolUsage`` record says)."""
+    if client_tool:
+        return "not run: the same turn called client tools"
+    return f"not run: the response ended {status or 'without a status'}, not completed"

@@ -1,0 +1,104 @@
+"""Parse and validate an OpenAI Responses request body without rebuilding it (pure).
+
+The body stays the bytes the client sent: unknown item types, tool types, ``include``,
+``store``, ``previous_response_id`` and the like reach the provider untouched. Parsing only
+serves validation, routing (``stream``, ``model``) and the records (prompt, correlating tool
+call id).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import orjson
+
+from gateway.intercept.dialect import RequestError
+
+# Input items answering a tool call: a request ending with them continues a tool exchange.
+_TOOL_OUTPUTS = frozenset({"function_call_output", "custom_tool_call_output"})
+
+
+@dataclass(slots=True)  # not frozen: built on every request (see gateway.records)
+class ResponsesRequest:
+    """A validated Responses request: the raw body plus what the gateway needs to know."""
+
+    body: bytes
+    parsed: dict[str, Any]
+    model: str
+    stream: bool
+    prompt: str | None
+    correlating_tool_call_id: str | None
+
+
+def parse_request(body: bytes) -> ResponsesRequest:
+    """Validate ``body``; raise :class:`RequestError` (400) with a clear message."""
+    try:
+        parsed = orjson.loads(body)
+    except orjson.JSONDecodeError as exc:
+        if not body.strip():
+            raise RequestError(400, "request body is empty: expected a JSON object") from None
+        raise RequestError(400, f"request body is not valid JSON: {exc}") from None
+    if not isinstance(parsed, dict):
+        raise RequestError(400, "request body must be a JSON object")
+    model = parsed.get("model")
+    if model is None:
+        # A stored prompt (``prompt``) may carry the model: the provider decides.
+        model = ""
+    elif not isinstance(model, str):
+        raise RequestError(400, "model: expected a string")
+    if parsed.get("background") is True:
+        # A background response is polled later through GET /v1/responses/{id}: its usage
+        # would never pass through the gateway, so it could not be accounted.
+        raise RequestError(
+            400,
+            "background: background responses are not supported through the gateway; "
+            "send the request without background: true",
+        )
+    items = parsed.get("input")
+    return ResponsesRequest(
+        body,
+        parsed,
+        model,
+        parsed.get("stream") is True,
+        last_user_prompt(items),
+        correlating_tool_call_id(items),
+    )
+
+
+def last_user_prompt(items: Any) -> str | None:
+    """The user's prompt: a string ``input``, or the text of the last item when it is the user's.
+
+    A content array gives the ``text`` of every ``input_text`` part, joined with newlines.
+    """
+    if isinstance(items, str):
+        return items
+    if not isinstance(items, list) or not items:
+        return None
+    last = items[-1]
+    if not isinstance(last, dict) or last.get("role") != "user":
+        return None
+    content = last.get("content")
+    if isinstance(content, str):
+        return content
+    if not isinstance(content, list):
+        return None
+    texts = [
+        part["text"]
+        for part in content
+        if isinstance(part, dict)
+        and part.get("type") == "input_text"
+        and isinstance(part.get("text"), str)
+    ]
+    return "\n".join(texts) if texts else None
+
+
+def correlating_tool_call_id(items: Any) -> str | None:
+    """The ``call_id`` of the last input item when it answers a tool call (function or custom)."""
+    if not isinstance(items, list) or not items:
+        return None
+    last = items[-1]
+    if not isinstance(last, dict) or last.get("type") not in _TOOL_OUTPUTS:
+        return None
+    call_id = last.get("call_id")
+    return call_id if isinstance(call_id, str) and call_id else None
