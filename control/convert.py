@@ -250,6 +250,8 @@ def record_to_proto(rec: SpooledRecord) -> control_pb2.UsageRecord:
                     injected=bool(p.get("injected", False)),
                     server_url=_str(p, "server_url"),
                     invocation_error=_str(p, "invocation_error"),
+                    # Absent from records spooled before the field existed: "".
+                    item_id=_str(p, "item_id"),
                 )
             )
         case "model_thought":

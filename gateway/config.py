@@ -90,7 +90,12 @@ class McpServerConfig(BaseModel):
 
 
 def _default_providers() -> list[ProviderConfig]:
-    return [ProviderConfig(name="anthropic", type="anthropic", api_key_env="ANTHROPIC_API_KEY")]
+    # One per type, so Claude Code (/anthropic) and Codex or any OpenAI client (/openai) work
+    # with no configuration at all.
+    return [
+        ProviderConfig(name="anthropic", type="anthropic", api_key_env="ANTHROPIC_API_KEY"),
+        ProviderConfig(name="openai", type="openai", api_key_env="OPENAI_API_KEY"),
+    ]
 
 
 class Settings(BaseSettings):

@@ -46,7 +46,7 @@ from gateway.state import StateHolder
 
 # End statuses an interception can have in this process ("interrupted" is written at the next
 # start, for the previous one's).
-END_STATUSES = ("completed", "failed", "client_disconnected")
+END_STATUSES = ("completed", "failed", "incomplete", "client_disconnected")
 MCP_OUTCOMES = ("ok", "tool_error", "timeout", "error")
 
 

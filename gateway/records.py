@@ -20,8 +20,10 @@ from typing import Literal
 # field). They are never mutated after they are built.
 
 CredentialKind = Literal["centralized", "byok"]
+# incomplete: the provider ended the response early, by a limit the client chose (OpenAI
+# Responses ``response.incomplete``, e.g. ``max_output_tokens``): relayed as is, and no error.
 # interrupted: the gateway stopped (crash, kill) mid-interception; written at its next start.
-EndStatus = Literal["completed", "failed", "client_disconnected", "interrupted"]
+EndStatus = Literal["completed", "failed", "incomplete", "client_disconnected", "interrupted"]
 
 
 def new_interception_id() -> str:
@@ -138,6 +140,9 @@ class ToolUsage:
     injected: bool = False
     server_url: str = ""
     invocation_error: str = ""
+    # The OpenAI Responses output item's id (``fc_...``), distinct from its ``call_id``; ""
+    # for dialects whose calls have no item (Messages, Chat Completions).
+    item_id: str = ""
     created_at: float = field(default_factory=time.time)
     kind: Literal["tool_usage"] = "tool_usage"
 

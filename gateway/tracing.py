@@ -16,6 +16,7 @@ certificates) themselves. :meth:`Tracing.close` flushes them at shutdown.
 from __future__ import annotations
 
 import asyncio
+import logging
 from collections.abc import Mapping, MutableMapping
 from time import perf_counter, time_ns
 from urllib.parse import urlsplit, urlunsplit
@@ -29,6 +30,8 @@ from opentelemetry.trace import Span, SpanKind, Status, StatusCode, Tracer, set_
 
 from gateway import __version__
 from gateway.trace_settings import TraceExport
+
+log = logging.getLogger("aibridged.tracing")
 
 SERVER_SPAN = "Intercept.ProcessRequest"
 UPSTREAM_SPAN = "Intercept.ProcessRequest.Upstream"
@@ -76,17 +79,22 @@ class Tracing:
         incoming: Mapping[str, str],
         started: float,
         attributes: dict[str, str | bool],
-    ) -> InterceptionTrace:
+    ) -> InterceptionTrace | None:
         """The server span of an interception that arrived at ``perf_counter`` time
         ``started`` with headers ``incoming`` (their ``traceparent`` is its parent)."""
         start = time_ns() - int((perf_counter() - started) * 1e9)
-        span = self._tracer.start_span(
-            SERVER_SPAN,
-            context=extract(incoming),
-            kind=SpanKind.SERVER,
-            attributes=attributes,
-            start_time=start,
-        )
+        try:
+            span = self._tracer.start_span(
+                SERVER_SPAN,
+                context=extract(incoming),
+                kind=SpanKind.SERVER,
+                attributes=attributes,
+                start_time=start,
+            )
+        except Exception:
+            # Called after the start record: nothing may stop the interception from ending.
+            log.warning("could not start the interception's span", exc_info=True)
+            return None
         return InterceptionTrace(self._tracer, span)
 
     async def close(self) -> None:
@@ -213,7 +221,10 @@ class InterceptionTrace:
         )
         if upstream_status:
             span.set_attribute("aibridged.upstream_status", upstream_status)
-        if status != "completed":
+        if status == "incomplete":
+            # Cut at a limit the client set: an answer, not an error.
+            span.set_attribute("aibridged.incomplete_reason", error_message[:_DESCRIPTION])
+        elif status != "completed":
             span.set_attribute("error.type", error_type or status)
             span.set_status(Status(StatusCode.ERROR, error_message[:_DESCRIPTION] or None))
         span.end()

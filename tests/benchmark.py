@@ -12,13 +12,20 @@ in-process, the latency the injected-tool (agentic) loop adds over the MCP call 
 server, a fake provider scripted for the two-turn ``injected_add`` exchange, and the gateway all
 run in this process's event loop (``--skip-loop`` skips it).
 
-    .venv/bin/python tests/benchmark.py [--quick] [--rounds R] [--duration D] [--json PATH]
+``--api`` picks the API the throughput and TTFB phases drive: Anthropic Messages (the default),
+OpenAI Chat Completions, OpenAI Responses, or ``all`` (the phases once per API, each with fresh
+processes, figures under the API's name). Every API streams the same answer text: the Messages
+stream is a recorded fixture, the OpenAI ones are synthetic, built here in the shape of OpenAI's.
+
+    .venv/bin/python tests/benchmark.py [--quick] [--api messages|chat|responses|all]
+        [--rounds R] [--duration D] [--json PATH]
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import itertools
 import json
 import math
 import signal
@@ -65,12 +72,202 @@ if TYPE_CHECKING:
 
 ROOT = Path(__file__).resolve().parent.parent
 FIXTURE = ROOT / "tests" / "fixtures" / "anthropic" / "text.txtar"
+OPENAI_FIXTURES = ROOT / "tests" / "fixtures" / "openai"
 GATEWAY_KEY = "gw-bench"
+UPSTREAM_KEY = "sk-bench"
 CONCURRENCY = 50
 WARMUP = 1.0
 END = b'data: {"type":"message_stop"}'
-FORWARDED = ("content-type", "anthropic-version", "x-api-key")
+FORWARDED = ("content-type", "anthropic-version", "x-api-key", "authorization")
 RATIOS = (("gateway", "direct"), ("bare", "direct"), ("gateway", "bare"))
+SSE_HEADERS = {"Content-Type": "text/event-stream; charset=utf-8"}
+
+
+@dataclass(frozen=True)
+class Api:
+    """One API the load phases drive: its route, its request and what a whole stream looks like."""
+
+    name: str
+    provider: str  # the gateway's provider (and route prefix) serving it
+    path: str  # the upstream path, also the route's path under /{provider}
+    fixture: Path  # a txtar whose "request" section is the request body (stream forced on)
+    first: bytes  # every whole stream opens so
+    last: bytes  # and its last event opens so
+    hidden: bytes = b""  # what no stream may show the client (Chat's usage-only chunk)
+
+    def headers(self, key: str) -> dict[str, str]:
+        """Request headers carrying ``key`` the way this API's clients send it."""
+        if self.provider == "anthropic":
+            return {
+                "content-type": "application/json",
+                "anthropic-version": "2023-06-01",
+                "x-api-key": key,
+            }
+        return {"content-type": "application/json", "authorization": f"Bearer {key}"}
+
+    def whole(self, data: bytes) -> bool:
+        """Whether ``data`` is a whole stream of this API."""
+        body = data.rstrip()
+        return body.startswith(self.first) and body[body.rfind(b"\n\n") + 2 :].startswith(self.last)
+
+
+APIS = {
+    api.name: api
+    for api in (
+        Api(
+            "messages",
+            "anthropic",
+            "/v1/messages",
+            FIXTURE,
+            b"event: message_start",
+            b"event: message_stop\n" + END,
+        ),
+        # The client does not ask for usage: the gateway forces include_usage on upstream and
+        # must hide the usage-only chunk (its ids are rewritten, so ``first`` stops at the id).
+        Api(
+            "chat",
+            "openai",
+            "/v1/chat/completions",
+            OPENAI_FIXTURES / "chat" / "text.txtar",
+            b'data: {"id":"',
+            b"data: [DONE]",
+            b'"usage":{"',
+        ),
+        Api(
+            "responses",
+            "openai",
+            "/v1/responses",
+            OPENAI_FIXTURES / "responses" / "text.txtar",
+            b"event: response.created\n",
+            b"event: response.completed\n",
+        ),
+    )
+}
+MESSAGES = APIS["messages"]
+
+
+# --- the upstream streams ---------------------------------------------------------------------
+
+
+def messages_texts() -> list[str]:
+    """The text deltas of the recorded Messages stream: every API streams the same answer."""
+    body = Reply.from_section(load_txtar(FIXTURE)["streaming"]).body
+    return [
+        orjson.loads(event.split(b"data:", 1)[1])["delta"]["text"]
+        for event in split_events(body)
+        if event.startswith(b"event: content_block_delta")
+    ]
+
+
+def obfuscation(i: int) -> str:
+    """A stand-in for the random padding OpenAI puts in each streamed delta."""
+    return "ha7QSWuIrCLSgTxlRNztDyni"[i % 7 : i % 7 + 10 + i % 4]
+
+
+def chat_stream(include_usage: bool) -> list[bytes]:
+    """A synthetic Chat Completions stream (OpenAI's fields, key order, ``obfuscation``): the
+    role chunk, a chunk per text delta, the finish chunk; with ``include_usage`` every chunk has
+    ``"usage":null`` and the usage-only chunk follows, as OpenAI sends them; ``[DONE]`` last."""
+    counter = itertools.count()
+
+    def chunk(choices: list[dict[str, Any]], usage: dict[str, Any] | None = None) -> bytes:
+        obj: dict[str, Any] = {
+            "id": "chatcmpl-SYNbench000000000000000001",
+            "object": "chat.completion.chunk",
+            "created": 1767225600,
+            "model": "gpt-4.1-mini-2025-04-14",
+            "service_tier": "default",
+            "system_fingerprint": "fp_synthetic",
+            "choices": choices,
+        }
+        if include_usage:
+            obj["usage"] = usage
+        obj["obfuscation"] = obfuscation(next(counter))
+        return b"data: " + orjson.dumps(obj) + b"\n\n"
+
+    def choice(delta: dict[str, Any], finish: str | None = None) -> list[dict[str, Any]]:
+        return [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}]
+
+    out = [chunk(choice({"role": "assistant", "content": "", "refusal": None}))]
+    out += [chunk(choice({"content": text})) for text in messages_texts()]
+    out.append(chunk(choice({}, "stop")))
+    if include_usage:
+        details = {"reasoning_tokens": 0, "audio_tokens": 0}
+        details |= {"accepted_prediction_tokens": 0, "rejected_prediction_tokens": 0}
+        usage: dict[str, Any] = {"prompt_tokens": 21, "completion_tokens": 74}
+        usage |= {
+            "total_tokens": 95,
+            "prompt_tokens_details": {"cached_tokens": 0, "audio_tokens": 0},
+        }
+        out.append(chunk([], usage | {"completion_tokens_details": details}))
+    return [*out, b"data: [DONE]\n\n"]
+
+
+def responses_stream() -> list[bytes]:
+    """A synthetic Responses stream (OpenAI's events, fields and key order, ``obfuscation``):
+    created, in_progress, the message item and its part added, a delta per text delta, the
+    done events, and response.completed with the output and usage."""
+    texts = messages_texts()
+    text = "".join(texts)
+    rid = "resp_SYNbench0000000000000000000000000000000000000000001"
+    mid = "msg_SYNbench00000000000000000000000000000000000000000001"
+    sequence = itertools.count()
+
+    def event(kind: str, **fields: Any) -> bytes:
+        fields["sequence_number"] = next(sequence)
+        data = orjson.dumps({"type": kind, **dict(sorted(fields.items()))})
+        return b"event: " + kind.encode() + b"\ndata: " + data + b"\n\n"
+
+    def response(status: str, output: list[Any], usage: dict[str, Any] | None) -> dict[str, Any]:
+        done = status == "completed"
+        return {
+            "id": rid, "object": "response", "created_at": 1767874658, "status": status,
+            "background": False, "completed_at": 1767874660 if done else None, "error": None,
+            "incomplete_details": None, "instructions": None, "max_output_tokens": None,
+            "max_tool_calls": None, "model": "gpt-4.1-mini-2025-04-14", "output": output,
+            "parallel_tool_calls": True, "previous_response_id": None, "prompt_cache_key": None,
+            "prompt_cache_retention": None, "reasoning": {"effort": None, "summary": None},
+            "safety_identifier": None, "service_tier": "default" if done else "auto",
+            "store": True, "temperature": 1.0,
+            "text": {"format": {"type": "text"}, "verbosity": "medium"}, "tool_choice": "auto",
+            "tools": [], "top_logprobs": 0, "top_p": 1.0, "truncation": "disabled",
+            "usage": usage, "user": None, "metadata": {},
+        }  # fmt: skip
+
+    def part(text: str) -> dict[str, Any]:
+        return {"type": "output_text", "annotations": [], "logprobs": [], "text": text}
+
+    def item(status: str, content: list[Any]) -> dict[str, Any]:
+        return {"id": mid, "type": "message", "status": status, "content": content,
+                "role": "assistant"}  # fmt: skip
+
+    at = {"item_id": mid, "output_index": 0, "content_index": 0}
+    usage: dict[str, Any] = {"input_tokens": 12, "input_tokens_details": {"cached_tokens": 0}}
+    usage |= {"output_tokens": 74, "output_tokens_details": {"reasoning_tokens": 0}}
+    message = item("completed", [part(text)])
+    return [
+        event("response.created", response=response("in_progress", [], None)),
+        event("response.in_progress", response=response("in_progress", [], None)),
+        event("response.output_item.added", item=item("in_progress", []), output_index=0),
+        event("response.content_part.added", part=part(""), **at),
+        *(
+            event(
+                "response.output_text.delta",
+                delta=delta,
+                logprobs=[],
+                obfuscation=obfuscation(i),
+                **at,
+            )
+            for i, delta in enumerate(texts)
+        ),
+        event("response.output_text.done", text=text, logprobs=[], **at),
+        event("response.content_part.done", part=part(text), **at),
+        event("response.output_item.done", item=message, output_index=0),
+        event(
+            "response.completed",
+            response=response("completed", [message], usage | {"total_tokens": 86}),
+        ),
+    ]
 
 
 async def serve(app: web.Application) -> None:
@@ -86,20 +283,31 @@ async def serve(app: web.Application) -> None:
 
 
 async def run_upstream() -> None:
-    reply = Reply.from_section(load_txtar(FIXTURE)["streaming"])
-    events = split_events(reply.body)
+    messages = split_events(Reply.from_section(load_txtar(FIXTURE)["streaming"]).body)
+    chat = {usage: chat_stream(usage) for usage in (False, True)}
+    streams = {MESSAGES.path: messages, APIS["responses"].path: responses_stream()}
 
-    async def handle(request: web.Request) -> web.StreamResponse:
-        await request.read()
-        out = web.StreamResponse(status=200, headers=reply.headers)
+    async def send(request: web.Request, events: list[bytes]) -> web.StreamResponse:
+        out = web.StreamResponse(status=200, headers=SSE_HEADERS)
         await out.prepare(request)
         for event in events:
             await out.write(event)
         await out.write_eof()
         return out
 
+    async def handle(request: web.Request) -> web.StreamResponse:
+        await request.read()
+        return await send(request, streams[request.path])
+
+    async def handle_chat(request: web.Request) -> web.StreamResponse:
+        # As OpenAI: "usage":null in each chunk and the usage chunk only when asked for.
+        body = await request.read()
+        return await send(request, chat[b'"include_usage":true' in body])
+
     app = web.Application()
-    app.router.add_post("/v1/messages", handle)
+    for path in streams:
+        app.router.add_post(path, handle)
+    app.router.add_post(APIS["chat"].path, handle_chat)
     await serve(app)
 
 
@@ -114,7 +322,8 @@ async def run_bare(upstream_url: str) -> None:
     async def handle(request: web.Request) -> web.StreamResponse:
         body = await request.read()
         headers = {k: v for k in FORWARDED if (v := request.headers.get(k)) is not None}
-        async with session.post(upstream_url + "/v1/messages", data=body, headers=headers) as up:
+        path = request.path[request.path.index("/", 1) :]  # /{provider}/v1/... -> /v1/...
+        async with session.post(upstream_url + path, data=body, headers=headers) as up:
             content_type = up.headers.get("Content-Type", "text/event-stream")
             out = web.StreamResponse(status=up.status, headers={"Content-Type": content_type})
             await out.prepare(request)
@@ -123,14 +332,15 @@ async def run_bare(upstream_url: str) -> None:
                 *events, carry = (carry + chunk).split(b"\n\n")
                 for event in events:
                     for line in event.split(b"\n"):
-                        if line.startswith(b"data:"):
+                        if line.startswith(b"data:") and line != b"data: [DONE]":
                             orjson.loads(line[5:])
                 await out.write(chunk)
             await out.write_eof()
             return out
 
     app = web.Application()
-    app.router.add_post("/anthropic/v1/messages", handle)
+    for api in APIS.values():
+        app.router.add_post(f"/{api.provider}{api.path}", handle)
     await serve(app)
 
 
@@ -142,6 +352,7 @@ class Target:
     name: str
     url: str
     headers: dict[str, str]
+    api: Api = MESSAGES
     completed: int = 0
     failed: int = 0
     errors: list[str] = field(default_factory=list)
@@ -155,8 +366,9 @@ class Target:
             self.errors.append(message)
 
 
-def request_body() -> bytes:
-    body = orjson.loads(load_txtar(FIXTURE)["request"])
+def request_body(api: Api = MESSAGES) -> bytes:
+    """The API's fixture request, streamed (Chat's without ``stream_options``)."""
+    body = orjson.loads(load_txtar(api.fixture)["request"])
     body["stream"] = True
     return orjson.dumps(body)
 
@@ -175,8 +387,11 @@ async def one_request(session: aiohttp.ClientSession, target: Target, body: byte
     except (TimeoutError, aiohttp.ClientError) as exc:
         target.fail(f"{type(exc).__name__}: {exc}")
         return None
-    if not data.startswith(b"event: message_start") or not data.rstrip().endswith(END):
+    if not target.api.whole(data):
         target.fail(f"incomplete stream ({len(data)} bytes): ...{data[-120:]!r}")
+        return None
+    if target.api.hidden and target.api.hidden in data:
+        target.fail(f"the client was shown {target.api.hidden!r}: ...{data[-400:]!r}")
         return None
     target.completed += 1
     return ttfb
@@ -215,7 +430,7 @@ async def throughput(session: aiohttp.ClientSession, t: Target, body: bytes, d: 
 
 
 async def load(targets: list[Target], rounds: int, d: float, n_ttfb: int) -> list[dict[str, Any]]:
-    body = request_body()
+    body = request_body(targets[0].api)
     timeout = aiohttp.ClientTimeout(total=60)
     sessions = {
         t.name: aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0), timeout=timeout)
@@ -541,13 +756,16 @@ def spawn_self(procs: list[subprocess.Popen[bytes]], *flags: str) -> tuple[int, 
 
 def start_gateway(tmp: Path, upstream_url: str) -> tuple[subprocess.Popen[bytes], str]:
     port = free_port()
-    provider = {"name": "anthropic", "type": "anthropic", "base_url": upstream_url}
+    providers = [
+        {"name": "anthropic", "type": "anthropic", "base_url": upstream_url},
+        {"name": "openai", "type": "openai", "base_url": upstream_url + "/v1"},
+    ]
     config = {
         "listen": f"127.0.0.1:{port}",
         "metrics_listen": "127.0.0.1:0",
         "spool_path": str(tmp / "spool.db"),
         "log_level": "warning",
-        "providers": [{**provider, "api_key": "sk-bench"}],
+        "providers": [{**provider, "api_key": UPSTREAM_KEY} for provider in providers],
         "api_keys": [{"key": GATEWAY_KEY, "actor_id": "bench", "username": "bench"}],
     }
     (tmp / "aibridged.yaml").write_text(yaml.safe_dump(config))
@@ -579,31 +797,52 @@ def peak_rss_mib(pid: int) -> float:
     return math.nan
 
 
+# An interception per gateway request: started, its one upstream response's usage, ended.
+INTERCEPTION_KINDS = ("interception_started", "token_usage", "interception_ended")
+
+
 def count_records(spool: Path) -> dict[str, int]:
+    """Records by kind, and ``completed``: the interception_ended records with that status."""
     db = sqlite3.connect(f"file:{spool}?mode=ro", uri=True)
     try:
         rows = db.execute("SELECT kind, COUNT(*) FROM spooled_records GROUP BY kind").fetchall()
+        (completed,) = db.execute(
+            "SELECT COUNT(*) FROM spooled_records WHERE kind = 'interception_ended'"
+            " AND json_extract(payload, '$.status') = 'completed'"
+        ).fetchone()
     finally:
         db.close()
-    return {str(kind): int(n) for kind, n in rows}
+    return {**{str(kind): int(n) for kind, n in rows}, "completed": int(completed)}
 
 
-def bench(args: argparse.Namespace, tmp: Path, procs: list[subprocess.Popen[bytes]]) -> int:
-    rounds = args.rounds or (3 if args.quick else 5)
-    duration = args.duration or (2.0 if args.quick else 4.0)
-    n_ttfb = 100 if args.quick else 400
+def stop(procs: list[subprocess.Popen[bytes]]) -> None:
+    """Kill the processes of ``procs`` still running (last first) and reap them all."""
+    for proc in reversed(procs):
+        if proc.poll() is None:
+            proc.kill()
+        proc.wait()
+
+
+def bench_api(
+    api: Api, args: argparse.Namespace, tmp: Path, procs: list[subprocess.Popen[bytes]]
+) -> tuple[dict[str, Any], bool]:
+    """The throughput and TTFB phases for ``api`` with fresh processes: its figures, and
+    whether every request succeeded and the spool holds one whole interception per request."""
+    rounds, duration, n_ttfb = phase_sizes(args)
+    tmp.mkdir()
+    first = len(procs)
     _, upstream_url = spawn_self(procs, "--upstream")
     bare_pid, bare_url = spawn_self(procs, "--bare", upstream_url)
     gateway, gateway_url = start_gateway(tmp, upstream_url)
     procs.append(gateway)
     wait_healthy(gateway_url, gateway)
 
-    headers = {"content-type": "application/json", "anthropic-version": "2023-06-01"}
-    path = "/anthropic/v1/messages"
-    direct = Target("direct", upstream_url + "/v1/messages", {**headers, "x-api-key": "sk-bench"})
-    bare = Target("bare", bare_url + path, {**headers, "x-api-key": "sk-bench"})
-    via = Target("gateway", gateway_url + path, {**headers, "x-api-key": GATEWAY_KEY})
+    route = f"/{api.provider}{api.path}"
+    direct = Target("direct", upstream_url + api.path, api.headers(UPSTREAM_KEY), api)
+    bare = Target("bare", bare_url + route, api.headers(UPSTREAM_KEY), api)
+    via = Target("gateway", gateway_url + route, api.headers(GATEWAY_KEY), api)
     targets = [direct, bare, via]
+    print(f"\n== {api.name}: POST {route} ==")
     print(f"throughput: {rounds} rounds x (direct, bare, gateway) in rotating order,")
     print(f"{CONCURRENCY} streams x {duration:g} s each ({WARMUP:g} s warm-up on first use)")
     per_round = uvloop.run(load(targets, rounds, duration, n_ttfb))
@@ -614,8 +853,10 @@ def bench(args: argparse.Namespace, tmp: Path, procs: list[subprocess.Popen[byte
         exit_code: int | None = gateway.wait(timeout=30)
     except subprocess.TimeoutExpired:
         exit_code = None
+    stop(procs[first:])
     records = count_records(tmp / "spool.db")
-    ended = records.get("interception_ended", 0)
+    counts = {kind: records.get(kind, 0) for kind in (*INTERCEPTION_KINDS, "completed")}
+    records_match = all(n == via.completed for n in counts.values())
 
     ratios = {f"{a}/{b}": spread([row[f"{a}/{b}"] for row in per_round]) for a, b in RATIOS}
     rps = {t.name: statistics.median(t.rps) for t in targets}
@@ -628,12 +869,7 @@ def bench(args: argparse.Namespace, tmp: Path, procs: list[subprocess.Popen[byte
         for name in ("bare", "gateway")
     }
     figures: dict[str, Any] = {
-        "mode": "quick" if args.quick else "full",
-        "concurrency": CONCURRENCY,
-        "rounds": rounds,
-        "duration_s": duration,
-        "warmup_s": WARMUP,
-        "ttfb_requests": n_ttfb,
+        "route": route,
         "per_round": per_round,
         "throughput_rps_median": rps,
         "throughput_ratios": ratios,
@@ -641,7 +877,7 @@ def bench(args: argparse.Namespace, tmp: Path, procs: list[subprocess.Popen[byte
         "added_ttfb": added,
         "requests": {t.name: {"completed": t.completed, "failed": t.failed} for t in targets},
         "records": records,
-        "records_match": ended == via.completed,
+        "records_match": records_match,
         "peak_rss_mib": rss,
         "gateway_exit_code": exit_code,
     }
@@ -664,10 +900,13 @@ def bench(args: argparse.Namespace, tmp: Path, procs: list[subprocess.Popen[byte
     print(f"peak RSS (VmHWM): gateway {rss['gateway']:.1f} MiB, bare relay {rss['bare']:.1f} MiB")
     print(f"gateway exit code after SIGTERM: {exit_code}; records by kind (bare relay: none):")
     print(f"  {json.dumps(records, sort_keys=True)}")
-    print(f"interception_ended records: {ended}; gateway requests completed: {via.completed}")
+    print(
+        f"gateway requests completed: {via.completed}; interceptions started / with token usage"
+        f" / ended / ended completed: {' / '.join(str(n) for n in counts.values())}"
+    )
     ok = True
-    if ended != via.completed:
-        print(f"!!! MISMATCH: {ended} interception_ended records vs {via.completed} requests !!!")
+    if not records_match:
+        print(f"!!! MISMATCH: records {counts} vs {via.completed} gateway requests !!!")
         ok = False
     for target in targets:
         if target.failed:
@@ -679,6 +918,48 @@ def bench(args: argparse.Namespace, tmp: Path, procs: list[subprocess.Popen[byte
         ok = False
     if not ok:
         print("gateway log tail:\n" + (tmp / "gateway.log").read_text()[-3000:])
+    return figures, ok
+
+
+def phase_sizes(args: argparse.Namespace) -> tuple[int, float, int]:
+    """Throughput rounds, seconds per target per round, TTFB requests per target."""
+    rounds = args.rounds or (3 if args.quick else 5)
+    duration = args.duration or (2.0 if args.quick else 4.0)
+    return rounds, duration, 100 if args.quick else 400
+
+
+def print_summary(figures: dict[str, Any], names: list[str]) -> None:
+    """One line per API: direct req/s, median ratios, added TTFB."""
+    print("\nsummary: median per-round ratios; TTFB added by the gateway at concurrency 1 (ms)")
+    head = ("direct req/s", "gateway/direct", "bare/direct", "gateway/bare", "p50", "p99")
+    print(f"  {'':10}" + "".join(f"{h:>16}" for h in head))
+    for name in names:
+        f = figures[name]
+        cells = [f"{f['throughput_rps_median']['direct']:16.1f}"]
+        for key in ("gateway/direct", "bare/direct", "gateway/bare"):
+            cells.append(f"{f['throughput_ratios'][key]['median']:16.3f}")
+        cells += [f"{f['added_ttfb']['gateway'][k]:+16.3f}" for k in ("p50_ms", "p99_ms")]
+        print(f"  {name:10}" + "".join(cells))
+
+
+def bench(args: argparse.Namespace, tmp: Path, procs: list[subprocess.Popen[bytes]]) -> int:
+    rounds, duration, n_ttfb = phase_sizes(args)
+    names = list(APIS) if args.api == "all" else [args.api]
+    figures: dict[str, Any] = {
+        "mode": "quick" if args.quick else "full",
+        "concurrency": CONCURRENCY,
+        "rounds": rounds,
+        "duration_s": duration,
+        "warmup_s": WARMUP,
+        "ttfb_requests": n_ttfb,
+        "apis": names,
+    }
+    ok = True
+    for name in names:
+        figures[name], api_ok = bench_api(APIS[name], args, tmp / name, procs)
+        ok = ok and api_ok
+    if len(names) > 1:
+        print_summary(figures, names)
     if not args.skip_usage_stream:
         figures["usage_stream"] = run_usage_stream(args.quick)
     if not args.skip_loop:
@@ -695,6 +976,12 @@ def bench(args: argparse.Namespace, tmp: Path, procs: list[subprocess.Popen[byte
 def main() -> int:
     parser = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="3 rounds x 2 s, 100 TTFB requests")
+    parser.add_argument(
+        "--api",
+        choices=(*APIS, "all"),
+        default="messages",
+        help="the API the throughput and TTFB phases drive (all: each in turn)",
+    )
     parser.add_argument("--rounds", type=int, help="throughput rounds (default 5, quick 3)")
     parser.add_argument("--duration", type=float, help="seconds per target per round (4, quick 2)")
     parser.add_argument("--json", metavar="PATH", help="also write the figures as JSON")
@@ -718,10 +1005,7 @@ def main() -> int:
         try:
             return bench(args, Path(tmp), procs)
         finally:
-            for proc in reversed(procs):
-                if proc.poll() is None:
-                    proc.kill()
-                proc.wait()
+            stop(procs)
 
 
 if __name__ == "__main__":

@@ -6,9 +6,10 @@ relay) under ``valgrind --tool=callgrind`` in front of the benchmark's fake upst
 up, then counts every instruction the process (all its threads) executes for N streamed requests
 at concurrency 10. The count is the same from run to run within about 1%, whatever else the
 machine does. Needs valgrind (Debian package ``valgrind``); takes about a minute.
+``--api`` picks the API of the streamed requests (the benchmark's streams and requests).
 
     .venv/bin/python tests/instructions.py [--requests N] [--target gateway|bare] [--keep FILE]
-        [--log-level info]
+        [--api messages|chat|responses] [--log-level info]
 """
 
 from __future__ import annotations
@@ -35,10 +36,11 @@ WARMUP = 200
 CONCURRENCY = 10
 
 
-async def load(url: str, headers: dict[str, str], n: int) -> int:
-    """Send ``n`` streamed requests, ``CONCURRENCY`` at a time; how many failed."""
-    target = bench.Target("target", url, headers)
-    body = bench.request_body()
+async def load(url: str, headers: dict[str, str], n: int, api: bench.Api) -> int:
+    """Send ``n`` streamed requests, ``CONCURRENCY`` at a time; how many failed (the first
+    errors printed)."""
+    target = bench.Target("target", url, headers, api)
+    body = bench.request_body(api)
     limit = asyncio.Semaphore(CONCURRENCY)
     timeout = aiohttp.ClientTimeout(total=600)
     async with aiohttp.ClientSession(timeout=timeout) as session:
@@ -48,6 +50,8 @@ async def load(url: str, headers: dict[str, str], n: int) -> int:
                 await bench.one_request(session, target, body)
 
         await asyncio.gather(*(one() for _ in range(n)))
+    for error in target.errors:
+        print(f"failed: {error}", file=sys.stderr)
     return target.failed
 
 
@@ -70,6 +74,7 @@ def main() -> int:
     parser.add_argument("--requests", type=int, default=1000)
     parser.add_argument("--target", choices=("gateway", "bare"), default="gateway")
     parser.add_argument("--keep", metavar="FILE", help="keep the callgrind output here")
+    parser.add_argument("--api", choices=tuple(bench.APIS), default="messages")
     parser.add_argument(
         "--log-level",
         default="warning",
@@ -86,15 +91,15 @@ def main() -> int:
         grind = ["valgrind", "--tool=callgrind", "--instr-atstart=no"]
         grind.append(f"--callgrind-out-file={out}")
         try:
+            api = bench.APIS[args.api]
             _, upstream = bench.spawn_self(procs, "--upstream")
-            headers = {"content-type": "application/json", "anthropic-version": "2023-06-01"}
             if args.target == "bare":
                 cmd = [*grind, sys.executable, bench.__file__, "--bare", upstream]
                 proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
                 procs.append(proc)
                 assert proc.stdout is not None
                 url = f"http://127.0.0.1:{int(proc.stdout.readline())}"
-                headers["x-api-key"] = "sk-bench"
+                headers = api.headers(bench.UPSTREAM_KEY)
             else:
                 config_proc, url = bench.start_gateway(tmp, upstream)  # writes the config
                 config_proc.kill()
@@ -108,11 +113,11 @@ def main() -> int:
                 proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
                 procs.append(proc)
                 wait_for_port(proc, url)
-                headers["x-api-key"] = bench.GATEWAY_KEY
-            url += "/anthropic/v1/messages"
-            failed = uvloop.run(load(url, headers, WARMUP))
+                headers = api.headers(bench.GATEWAY_KEY)
+            url += f"/{api.provider}{api.path}"
+            failed = uvloop.run(load(url, headers, WARMUP, api))
             subprocess.run(["callgrind_control", "-i", "on", str(proc.pid)], capture_output=True)
-            failed += uvloop.run(load(url, headers, args.requests))
+            failed += uvloop.run(load(url, headers, args.requests, api))
             subprocess.run(["callgrind_control", "-i", "off", str(proc.pid)], capture_output=True)
             proc.send_signal(signal.SIGINT if args.target == "bare" else signal.SIGTERM)
             proc.wait(timeout=300)
@@ -130,7 +135,8 @@ def main() -> int:
             print("no totals in the callgrind output", file=sys.stderr)
             return 1
         total = int(match.group(1).replace(",", ""))
-    print(f"{args.target}: {total / args.requests:,.0f} instructions per streamed request")
+    per_request = total / args.requests
+    print(f"{args.target}, {args.api}: {per_request:,.0f} instructions per streamed request")
     return 0
 
 

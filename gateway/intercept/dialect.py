@@ -18,7 +18,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any, Protocol, TypeVar
 
 from gateway.intercept.passthrough_paths import PassthroughRoute
 from gateway.intercept.rewriter import BlockingRewriter, StreamRewriter
@@ -93,10 +93,30 @@ class ProviderApi:
     error_body: Callable[[int, str], bytes]
     # Endpoints relayed byte for byte with the central key (``passthrough_paths``).
     passthrough: tuple[PassthroughRoute, ...]
+    # What a provider's base URL already ends with, by this type's convention (OpenAI's:
+    # ``https://api.openai.com/v1``): a route's path goes upstream without it.
+    base_path: str = ""
+
+    def upstream(self, path: str) -> str:
+        """The path to append to a provider's base URL for the route path ``path``."""
+        return path.removeprefix(self.base_path) if self.base_path else path
 
 
 # Whether a tool name the model called designates an injected tool.
 Injected = Callable[[str], bool]
+_Rewriter = TypeVar("_Rewriter")
+
+
+def prompt_only(
+    make: Callable[[str, str | None, Injected | None], _Rewriter],
+) -> Callable[[str, Any, Injected | None], _Rewriter]:
+    """``make(interception_id, prompt, injected)`` as a ``Dialect.stream`` or ``.blocking``
+    factory, for rewriters that need nothing of the request but its prompt."""
+
+    def made(interception_id: str, request: Any, injected: Injected | None) -> _Rewriter:
+        return make(interception_id, request.prompt, injected)
+
+    return made
 
 
 @dataclass(frozen=True, slots=True, eq=False)
@@ -123,14 +143,16 @@ class Dialect:
     # For logs and tests ("messages").
     name: str
     provider: ProviderApi
-    # The route's path after the provider prefix, and the upstream path (``/v1/messages``).
+    # The route's path after the provider prefix (``/v1/messages``); upstream, after the
+    # provider's base URL, less the provider type's ``base_path``.
     path: str
     # ``parse_request(body)``: the validated request; raises :class:`RequestError`.
     parse_request: Callable[[bytes], ParsedRequest]
-    # ``stream(interception_id, prompt, injected)``: a stream's rewriter.
-    stream: Callable[[str, str | None, Injected | None], StreamRewriter]
-    # ``blocking(interception_id, prompt, injected)``: a blocking response's rewriter.
-    blocking: Callable[[str, str | None, Injected | None], BlockingRewriter]
+    # ``stream(interception_id, request, injected)``: a stream's rewriter (``request``: what
+    # ``parse_request`` returned).
+    stream: Callable[[str, Any, Injected | None], StreamRewriter]
+    # ``blocking(interception_id, request, injected)``: a blocking response's rewriter.
+    blocking: Callable[[str, Any, Injected | None], BlockingRewriter]
     # ``error_event(status, message)``: an in-stream error for a fault found after the stream
     # began (``status``: the HTTP status the fault would have had before).
     error_event: Callable[[int, str], bytes]
@@ -142,3 +164,10 @@ class Dialect:
     # The event that ends a whole stream ("message_stop"), named when a stream lacks it.
     terminal_event: str
     tools: ToolShapes
+    # Whether injected tools are offered at all (a compaction request calls none).
+    injects_tools: bool = True
+
+    @property
+    def upstream_path(self) -> str:
+        """The path appended to the provider's base URL."""
+        return self.provider.upstream(self.path)

@@ -9,8 +9,10 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
 
+from gateway.intercept.chat.dialect import CHAT
 from gateway.intercept.dialect import Dialect, ProviderApi
 from gateway.intercept.messages.dialect import MESSAGES
+from gateway.intercept.responses.dialect import COMPACT, RESPONSES
 
 
 def route_table(dialects: Iterable[Dialect]) -> dict[tuple[str, str], Dialect]:
@@ -39,7 +41,7 @@ def provider_apis(table: Mapping[tuple[str, str], Dialect]) -> dict[str, Provide
     return apis
 
 
-DIALECTS = route_table([MESSAGES])
+DIALECTS = route_table([MESSAGES, CHAT, RESPONSES, COMPACT])
 
 # The shape of errors on no route at all (an unknown path, a request aiohttp cannot parse), as
 # the gateway has always answered them.

@@ -16,8 +16,9 @@ class Outcome:
     error_message: str = ""
     upstream_status: int = 0
 
-    def fail(self, error_type: str, message: str) -> None:
-        """Mark the interception failed (first failure wins)."""
+    def fail(self, error_type: str, message: str, status: EndStatus = "failed") -> None:
+        """Mark the interception failed, or ``status`` ("incomplete": the provider cut the
+        response short), with why (the first such end wins)."""
         if self.status == "completed":
-            self.status = "failed"
+            self.status = status
             self.error_type, self.error_message = error_type, message

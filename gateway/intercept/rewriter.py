@@ -18,7 +18,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
-from gateway.records import Record
+from gateway.records import EndStatus, Record
 from gateway.sse import SSEFramer
 
 
@@ -31,6 +31,9 @@ class ToolCall:
     input: dict[str, Any]
     # The provider's id of the message (turn) the call came in, for its record.
     msg_id: str
+    # The call's own output item id (OpenAI Responses ``fc_...``), for its record; "" when the
+    # dialect's calls have none.
+    item_id: str = ""
 
 
 @dataclass(frozen=True, slots=True)
@@ -65,6 +68,12 @@ class ReportedError(Protocol):
     @property
     def message(self) -> str:
         """The provider's message."""
+        ...
+
+    @property
+    def end_status(self) -> EndStatus:
+        """How the interception ended for it: "failed", or "incomplete" when the provider cut
+        the response short at a limit the client chose (it is no error of anyone's)."""
         ...
 
 
@@ -121,6 +130,12 @@ class BlockingTurn(Protocol):
     @property
     def error(self) -> str:
         """Why the body is no answer of the dialect's (an HTML page, junk); "" if it is one."""
+        ...
+
+    @property
+    def reported(self) -> ReportedError | None:
+        """What the response itself says went wrong (a Responses body whose ``status`` is
+        ``failed`` or ``incomplete``): relayed as it came, recorded with its end status."""
         ...
 
     @property

@@ -51,27 +51,31 @@ async def wrong_method(api: ProviderApi, request: web.Request) -> web.Response:
     return _logged(request, method_not_allowed(api, request), "method not allowed")
 
 
-def failure_response(api: ProviderApi, request: web.Request, exc: Exception) -> web.Response | None:
+def failure_response(
+    api: ProviderApi, request: web.Request, exc: Exception, access_line: bool = True
+) -> web.Response | None:
     """What the client gets for an exception escaping a handler; None to let it propagate.
 
     Call from the ``except`` clause (an unexpected failure is logged with its traceback). Every
-    failure gets ``api``'s error shape and an access line. Redirects and client disconnects
-    propagate.
+    failure gets ``api``'s error shape and, unless ``access_line`` is false (an interception's
+    end line already said it), an access line. Redirects and client disconnects propagate.
     """
     if isinstance(exc, web.HTTPException):
         if exc.status < 400:
             return None
         if exc.status == 404:
-            return _logged(request, route_not_found(api, request), "route not supported")
-        if exc.status == 405:
-            return _logged(request, method_not_allowed(api, request), "method not allowed")
-        return _logged(request, error_response(api, exc.status, exc.reason), exc.reason)
-    if isinstance(exc, (ConnectionResetError, aiohttp.ClientConnectionResetError)):
+            response, reason = route_not_found(api, request), "route not supported"
+        elif exc.status == 405:
+            response, reason = method_not_allowed(api, request), "method not allowed"
+        else:
+            response, reason = error_response(api, exc.status, exc.reason), exc.reason
+    elif isinstance(exc, (ConnectionResetError, aiohttp.ClientConnectionResetError)):
         return None
-    _app_log.exception("unhandled error on %s %s", request.method, request.path)
-    return _logged(
-        request, error_response(api, 500, "internal gateway error"), "internal gateway error"
-    )
+    else:
+        _app_log.exception("unhandled error on %s %s", request.method, request.path)
+        response = error_response(api, 500, "internal gateway error")
+        reason = "internal gateway error"
+    return _logged(request, response, reason) if access_line else response
 
 
 def provider_shaped(handler: Handler, api: ProviderApi = UNROUTED) -> Handler:

@@ -240,12 +240,19 @@ async def intercept(
     # reading the body and listing MCP tools left out.
     started = perf_counter()
     api = dialect.provider
+    ended = False  # once the interception's end line is logged, a failure needs no other
     try:
         snapshot = services.state.current
         provider = provider_of(snapshot, request, api)
         if isinstance(provider, web.Response):
             return provider
         if request.method != "POST":
+            if request.headers.get("Upgrade", "").lower() == "websocket":
+                # Codex tries a WebSocket first; a 426 makes it use HTTP at once (other
+                # refusals cost it several reconnects).
+                return refuse(
+                    request, api, 426, "WebSocket is not supported here: send the request over HTTP"
+                )
             return refused(request, method_not_allowed(api, request), "method not allowed")
         request_headers = request.headers
         auth = authenticate(request_headers, snapshot, provider, api.keys, services.byok_header)
@@ -267,7 +274,7 @@ async def intercept(
         credential = auth.credential
         # Built before the start record: from it on, only Interception.end may end the request.
         # Re-encoded like the passthrough's: a decoded query would lose "%23..." to a fragment.
-        url = provider.url(dialect.path, reencode_query(request.rel_url.raw_query_string))
+        url = provider.url(dialect.upstream_path, reencode_query(request.rel_url.raw_query_string))
         headers = upstream_request_headers(
             request_headers,
             credential,
@@ -338,7 +345,7 @@ async def intercept(
         )
         try:
             tools = None
-            if services.mcp_pool is not None and snapshot.mcp_servers:
+            if services.mcp_pool is not None and snapshot.mcp_servers and dialect.injects_tools:
                 listing = perf_counter()
                 tools = await _tool_loop(
                     services, snapshot, auth, parsed, interception_id, dialect.tools, sink
@@ -364,10 +371,10 @@ async def intercept(
                     if resp.status >= 400:
                         response = await icpt.upstream_error(resp)
                     elif parsed.stream and resp.content_type == "text/event-stream":
-                        rewriter = dialect.stream(interception_id, parsed.prompt, injected)
+                        rewriter = dialect.stream(interception_id, parsed, injected)
                         return await icpt.stream(request, resp, rewriter, runner)
                     else:
-                        turns = dialect.blocking(interception_id, parsed.prompt, injected)
+                        turns = dialect.blocking(interception_id, parsed, injected)
                         response = await icpt.blocking(resp, turns, runner)
             await icpt.complete()
             return response
@@ -379,9 +386,10 @@ async def intercept(
             raise
         finally:
             icpt.end()
+            ended = True
     except Exception as exc:
         # Shaped here, not by a wrapper: the hot route gets no extra coroutine layer.
-        shaped = failure_response(api, request, exc)
+        shaped = failure_response(api, request, exc, access_line=not ended)
         if shaped is None:
             raise
         return shaped

@@ -133,7 +133,7 @@ async def _relay(
     if isinstance(body, web.Response):
         return body
     headers = upstream_request_headers(request.headers, auth.credential, services.stripped_headers)
-    url = provider.url(path, reencode_query(request.rel_url.raw_query_string))
+    url = provider.url(api.upstream(path), reencode_query(request.rel_url.raw_query_string))
     try:
         # A redirect would carry the credential to wherever its Location points: never followed.
         resp = await services.session.request(

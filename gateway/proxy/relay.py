@@ -195,6 +195,9 @@ class Interception:
                         extra={"interception_id": self.id, "content_type": resp.content_type},
                     )
                     return self._error(502, result.error)
+                if (reported := result.reported) is not None:
+                    # A response that says it failed or stopped short is still the answer.
+                    self.outcome.fail(reported.type, reported.message, reported.end_status)
                 if runner is None:
                     break
                 following = await runner.advance(TurnEnded(result.turn), client_present)
@@ -309,8 +312,8 @@ class Interception:
                 self.sink.submit(record)
         if left.timed_out:
             log.warning("drain after disconnect timed out", extra={"interception_id": self.id})
-        if rewriter.error is not None:
-            self.outcome.fail(rewriter.error.type, rewriter.error.message)
+        if (reported := rewriter.error) is not None:
+            self.outcome.fail(reported.type, reported.message, reported.end_status)
         elif not rewriter.stop_relayed and not writer.gone and self.outcome.status == "completed":
             # Found once, here, not per chunk: the body ended (maybe mid-event) with no terminal
             # event, and nothing told the client yet. Such a stream is no whole response: the

@@ -170,6 +170,7 @@ class ToolLoop:
                 injected=True,
                 server_url=ref.server_url,
                 invocation_error=error,
+                item_id=call.item_id,
             )
         )
         return block
@@ -188,6 +189,7 @@ class ToolLoop:
                     injected=True,
                     server_url=ref.server_url if ref else "",
                     invocation_error=reason,
+                    item_id=call.item_id,
                 )
             )
 

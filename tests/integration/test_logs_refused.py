@@ -391,3 +391,30 @@ async def test_health_405_gets_one_line(
         "PUT",
         path,
     )
+
+
+async def test_a_failure_after_the_interception_started_gets_only_its_end_line(
+    gateway: Gateway, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    # A gateway fault once the interception started: its end line says so (failed, with the
+    # error type); a second line, "request refused", would count one request twice.
+    def fail(*_: object) -> None:
+        raise RuntimeError("boom")
+
+    monkeypatch.setattr("gateway.proxy.relay.Interception.post_again", fail)
+    caplog.set_level(logging.INFO)
+    async with (
+        aiohttp.ClientSession() as http,
+        http.post(
+            f"{gateway.root}/anthropic/v1/messages",
+            headers={"x-api-key": GATEWAY_KEY},
+            data=b'{"model":"claude-sonnet-4-5","max_tokens":5,"messages":[]}',
+        ) as r,
+    ):
+        assert r.status == 500
+    [line] = access(caplog)
+    assert (line["message"], line["status"], line["error_type"]) == (
+        "interception ended",
+        "failed",
+        "gateway_error",
+    )

@@ -32,7 +32,9 @@ def test_the_dialect_is_openai_chat_completions() -> None:
         "[DONE]",
     )
     assert CHAT.parse_request is parse_request
-    assert CHAT.blocking is ChatBlocking
+    assert CHAT.upstream_path == "/chat/completions"  # the base URL holds /v1
+    request = parse_request(b'{"model":"m","messages":[{"role":"user","content":"hi"}]}')
+    assert isinstance(CHAT.blocking("id-1", request, None), ChatBlocking)
 
 
 def test_the_keepalive_is_an_sse_comment() -> None:

@@ -42,7 +42,8 @@ def test_defaults() -> None:
     assert settings.log_level == "info"
     assert settings.on_client_disconnect == "drain"
     assert [(p.name, p.type, p.base_url) for p in settings.providers] == [
-        ("anthropic", "anthropic", "https://api.anthropic.com")
+        ("anthropic", "anthropic", "https://api.anthropic.com"),
+        ("openai", "openai", "https://api.openai.com/v1"),
     ]
     assert settings.api_keys == []
 

@@ -6,13 +6,28 @@ import dataclasses
 
 import pytest
 
+from gateway.intercept.chat.dialect import CHAT
 from gateway.intercept.dialects import DIALECTS, UNROUTED, provider_apis, route_table
 from gateway.intercept.messages.dialect import ANTHROPIC, MESSAGES
+from gateway.intercept.openai.provider import OPENAI
+from gateway.intercept.responses.dialect import COMPACT, RESPONSES
 
 
-def test_messages_is_registered_under_its_provider_type_and_path() -> None:
-    assert DIALECTS == {("anthropic", "/v1/messages"): MESSAGES}
-    assert provider_apis(DIALECTS) == {"anthropic": ANTHROPIC}
+def test_every_dialect_is_registered_under_its_provider_type_and_path() -> None:
+    assert DIALECTS == {
+        ("anthropic", "/v1/messages"): MESSAGES,
+        ("openai", "/v1/chat/completions"): CHAT,
+        ("openai", "/v1/responses"): RESPONSES,
+        ("openai", "/v1/responses/compact"): COMPACT,
+    }
+    assert provider_apis(DIALECTS) == {"anthropic": ANTHROPIC, "openai": OPENAI}
+    # Upstream, OpenAI paths follow a base URL that holds the version; Anthropic's do not.
+    assert [d.upstream_path for d in DIALECTS.values()] == [
+        "/v1/messages",
+        "/chat/completions",
+        "/responses",
+        "/responses/compact",
+    ]
     # Requests no route serves keep the shape they always had.
     assert UNROUTED is ANTHROPIC
 

@@ -116,6 +116,18 @@ def test_extract_bearer(value: str | None, expected: str) -> None:
         ({"User-Agent": "coder-agents/1"}, "Coder Agents"),
         ({"User-Agent": "Charm Crush/0.1"}, "Charm Crush"),
         ({"User-Agent": "node", "X-Cursor-Client-Version": "1.5"}, "Cursor"),
+        (
+            {"User-Agent": "OpenAI/Python 3.57.0", "X-Stainless-Lang": "python"},
+            "OpenAI SDK (python)",
+        ),
+        ({"User-Agent": "OpenAI/JS 6.1.0", "X-Stainless-Lang": "js"}, "OpenAI SDK (js)"),
+        (
+            {"User-Agent": "Anthropic/Python 2.1", "X-Stainless-Lang": "python"},
+            "Anthropic SDK (python)",
+        ),
+        # Synthetic: a stainless header alone, or a language that is not a word, names no SDK.
+        ({"User-Agent": "curl/8.0", "X-Stainless-Lang": "python"}, "Unknown"),
+        ({"User-Agent": "OpenAI/Python 3", "X-Stainless-Lang": "py thon"}, "Unknown"),
         ({"X-Cursor-Client-Version": ""}, "Unknown"),
         ({"X-Cursor-Client-Version": "   "}, "Unknown"),
         ({"Originator": "Kilo-Code"}, "Unknown"),
@@ -194,6 +206,7 @@ def test_client_session_id_headers(client: str, expected: str | None) -> None:
     [
         ("Claude Code", "x-claude-code-session-id"),
         ("Codex", "SESSION_ID"),
+        ("Codex", "Session-Id"),
         ("Mux", "x-mux-workspace-id"),
         ("GitHub Copilot (VS Code)", "X-Interaction-Id"),
         ("GitHub Copilot (CLI)", "x-client-session-id"),

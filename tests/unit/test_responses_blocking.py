@@ -9,6 +9,7 @@ import pytest
 
 from gateway.intercept.responses.blocking import BlockingTurns
 from gateway.intercept.responses.dialect import COMPACT
+from gateway.intercept.responses.request import parse_request
 from gateway.records import ModelThought, PromptUsage, Record, TokenUsage, ToolUsage
 from gateway.testing import load_txtar
 from tests.conftest import FIXTURES
@@ -55,7 +56,7 @@ def test_records_of_items() -> None:
 
 
 def test_compaction_is_accounted() -> None:
-    turns = COMPACT.blocking(IID, None, None)
+    turns = COMPACT.blocking(IID, parse_request(b'{"model":"m","input":[]}'), None)
     body = _body("compact")
     result = turns.feed(body)
     assert result.body == body and result.error == ""
@@ -103,3 +104,58 @@ def test_final_turn_drops_its_injected_calls() -> None:
     assert [i["call_id"] for i in orjson.loads(result.body)["output"]] == ["call_par_2"]
     incomplete = BlockingTurns(IID, None, lambda n: True).feed(_body("response_incomplete"))
     assert incomplete.body == _body("response_incomplete")
+
+
+def test_client_calls_carry_their_item_id() -> None:
+    for name in ("client_tools_parallel", "custom_tool"):
+        body = _body(name)
+        expected = [
+            (i["call_id"], i["id"])
+            for i in orjson.loads(body)["output"]
+            if i["type"] in ("function_call", "custom_tool_call")
+        ]
+        assert expected and all(call != item for call, item in expected)
+        records = BlockingTurns(IID, None).feed(body).records
+        assert [(c.tool_call_id, c.item_id) for c in _of(records, ToolUsage)] == expected
+
+
+def test_injected_call_carries_its_item_id() -> None:
+    body = _body("reasoning_summary")
+    (item,) = [i for i in orjson.loads(body)["output"] if i["type"] == "function_call"]
+    result = BlockingTurns(IID, None, lambda name: name == "add").feed(body)
+    assert [(c.tool_use_id, c.item_id) for c in result.tool_calls] == [
+        (item["call_id"], item["id"])
+    ]
+
+
+def _failed_body() -> bytes:
+    """The failed response of the fixture's stream, as a blocking call would return it."""
+    stream = load_txtar(FOLDER / "response_failed.txtar")["streaming"]
+    last = stream.strip().rsplit("\n", 1)[-1].removeprefix("data: ")
+    return orjson.dumps(orjson.loads(last)["response"])
+
+
+def test_incomplete_response_is_the_answer_reported_incomplete() -> None:
+    body = _body("response_incomplete")
+    result = BlockingTurns(IID, None).feed(body)
+    assert result.body is body and result.error == ""
+    assert result.reported is not None
+    assert result.reported.end_status == "incomplete"
+    assert result.reported.type == "response_incomplete"
+    assert "max_output_tokens" in result.reported.message
+    (tokens,) = _of(result.records, TokenUsage)
+    assert tokens.output == orjson.loads(body)["usage"]["output_tokens"]
+
+
+def test_failed_response_is_the_answer_reported_failed() -> None:
+    body = _failed_body()
+    result = BlockingTurns(IID, None).feed(body)
+    assert result.body is body and result.error == ""
+    assert result.reported is not None
+    error = orjson.loads(body)["error"]
+    assert (result.reported.end_status, result.reported.type, result.reported.message) == (
+        "failed",
+        error["code"],
+        error["message"],
+    )
+    assert BlockingTurns(IID, None).feed(_body("text")).reported is None

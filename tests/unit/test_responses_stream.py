@@ -335,3 +335,48 @@ def test_client_call_with_injected_call_is_final_and_hides_the_injected_one() ->
     seqs = [e["sequence_number"] for e in events]
     assert seqs == list(range(len(seqs)))
     assert {e["output_index"] for e in events if "output_index" in e} == {0}
+
+
+# -- item ids and end statuses ----------------------------------------------------------------
+
+
+def _call_items(data: bytes) -> list[tuple[str, str]]:
+    """``(call_id, item id)`` of the client calls the fixture's stream completes, in order."""
+    return [
+        (e["item"]["call_id"], e["item"]["id"])
+        for e in _events(data)
+        if e["type"] == "response.output_item.done"
+        and e["item"]["type"] in ("function_call", "custom_tool_call")
+    ]
+
+
+@pytest.mark.parametrize("name", ["client_tools_parallel", "custom_tool"])
+def test_client_calls_carry_their_item_id(name: str) -> None:
+    data = _sse(name)
+    _, records = _run(ResponsesStream(IID, None), data)
+    expected = _call_items(data)
+    assert expected and all(call != item for call, item in expected)
+    assert [(c.tool_call_id, c.item_id) for c in _of(records, ToolUsage)] == expected
+
+
+def test_injected_call_carries_its_item_id() -> None:
+    data = _sse("reasoning_summary")
+    stream = ResponsesStream(IID, None, lambda name: name == "add")
+    _run(stream, data)
+    calls = stream.turn_result().tool_calls
+    assert [(c.tool_use_id, c.item_id) for c in calls] == _call_items(data)
+
+
+@pytest.mark.parametrize(
+    ("name", "status"),
+    [
+        ("response_incomplete", "incomplete"),
+        ("response_failed", "failed"),
+        ("mid_stream_error", "failed"),
+    ],
+)
+def test_reported_errors_say_their_end_status(name: str, status: str) -> None:
+    stream = ResponsesStream(IID, None)
+    _run(stream, _sse(name))
+    assert stream.error is not None
+    assert stream.error.end_status == status

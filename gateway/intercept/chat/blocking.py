@@ -11,7 +11,7 @@ import orjson
 from gateway.intercept.chat.calls import CallSlot, not_run_reason
 from gateway.intercept.chat.tools import assistant_message
 from gateway.intercept.chat.usage import ChatUsage, add_usage, apply_totals
-from gateway.intercept.rewriter import ToolCall, TurnResult
+from gateway.intercept.rewriter import ReportedError, ToolCall, TurnResult
 from gateway.records import PromptUsage, Record
 
 
@@ -27,6 +27,8 @@ class ChatBlockingResult:
     skipped_calls: list[ToolCall] = field(default_factory=list)
     skip_reason: str = ""
     stop_reason: str = ""
+    # A body of this dialect never reports its own failure (an error is a non-200 answer).
+    reported: ReportedError | None = None
 
     @property
     def turn(self) -> TurnResult:

@@ -14,7 +14,7 @@ from gateway.intercept.chat.tools import (
     continuation,
     inject_chat_tools,
 )
-from gateway.intercept.dialect import Dialect, Injected, ToolShapes
+from gateway.intercept.dialect import Dialect, Injected, ToolShapes, prompt_only
 from gateway.intercept.openai.provider import OPENAI, openai_data_error_event
 
 # An SSE comment: every SSE parser skips it, the OpenAI SDKs included.
@@ -47,10 +47,8 @@ CHAT = Dialect(
     provider=OPENAI,
     path="/v1/chat/completions",
     parse_request=parse_request,
-    # The seam passes the prompt, not the request: until it passes ``ChatRequest``
-    # (``stream_for``), the usage chunk reaches every client.
-    stream=ChatStream,
-    blocking=ChatBlocking,
+    stream=stream_for,
+    blocking=prompt_only(ChatBlocking),
     error_event=openai_data_error_event,
     relayed_error_event=relayed_error_event,
     keepalive=CHAT_KEEPALIVE,

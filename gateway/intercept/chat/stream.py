@@ -30,7 +30,7 @@ from gateway.intercept.chat.calls import TurnCalls, not_run_reason
 from gateway.intercept.chat.tools import assistant_message
 from gateway.intercept.chat.usage import ChatUsage, add_usage, apply_totals
 from gateway.intercept.rewriter import TurnResult
-from gateway.records import PromptUsage, Record
+from gateway.records import EndStatus, PromptUsage, Record
 from gateway.sse import Frame, SSEFramer
 
 # What may precede the id's value at the start of a chunk for the bytes fast path.
@@ -43,6 +43,11 @@ class StreamError:
 
     type: str
     message: str
+
+    @property
+    def end_status(self) -> EndStatus:
+        """Always "failed": this dialect's streams report no other early end."""
+        return "failed"
 
 
 class ChatStream:
@@ -107,7 +112,8 @@ class ChatStream:
             n = region.count(old)
             # Each chunk opens with the known bytes (content cannot hold a raw newline).
             if n == region.count(b"\ndata:") + region.startswith(b"data:"):
-                return region.replace(old, self._new) if n else region
+                out = region.replace(old, self._new) if n else region
+                return out if self._client_usage else out.replace(_NULL_USAGE, b"")
         return self.feed_all(SSEFramer().feed(region))
 
     def feed_all(self, frames: list[Frame]) -> bytes:
@@ -121,7 +127,8 @@ class ChatStream:
         raw = frame.raw
         old = self._old
         if old is not None and raw.startswith(old) and _plain(raw):
-            return self._new + raw[len(old) :]
+            out = self._new + raw[len(old) :]
+            return out if self._client_usage else out.replace(_NULL_USAGE, b"")
         data = frame.data
         if not data:
             return raw  # a comment (keep-alive) or an empty event
@@ -202,6 +209,11 @@ class ChatStream:
                 changed = True
         elif had_choices and not choices:
             return b""  # nothing of it is left for the client
+        elif usage is None and not self._client_usage and "usage" in obj:
+            # There because the gateway asked for usage: a client that did not never sees it.
+            if not changed:
+                return self._swap_id(raw, chunk_id, obj).replace(_NULL_USAGE, b"")
+            del obj["usage"]
         if not changed:
             return self._swap_id(raw, chunk_id, obj)
         return self._encode(obj)
@@ -339,11 +351,18 @@ class ChatStream:
             self._prompt_recorded = True
 
 
+# What the provider adds to every chunk once usage is asked for, in its compact spelling (a
+# quote inside a JSON string is escaped: these bytes are always the key). Removed for a client
+# that did not ask for usage, who would not have had it from the provider.
+_NULL_USAGE = b',"usage":null'
+
+
 def _plain(chunks: bytes) -> bool:
     """Whether ``chunks`` surely hold no tool call, no error and no usage object."""
+    # find, not "in" (see gateway.sse.framing): this runs once per upstream chunk.
     return (
-        b'"tool_calls"' not in chunks
-        and b'"error"' not in chunks
+        chunks.find(b'"tool_calls"') < 0
+        and chunks.find(b'"error"') < 0
         and chunks.count(b'"usage"') == chunks.count(b'"usage":null')
     )
 

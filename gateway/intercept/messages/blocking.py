@@ -11,7 +11,7 @@ import orjson
 from gateway.intercept.messages.rewrite_id import replace_id
 from gateway.intercept.messages.turn import not_run_reason
 from gateway.intercept.messages.usage import MessageUsage
-from gateway.intercept.rewriter import ToolCall, TurnResult
+from gateway.intercept.rewriter import ReportedError, ToolCall, TurnResult
 from gateway.records import ModelThought, PromptUsage, Record, ToolUsage
 
 
@@ -28,6 +28,8 @@ class BlockingResult:
     skipped_calls: list[ToolCall] = field(default_factory=list)
     skip_reason: str = ""
     stop_reason: str = ""
+    # A body of this dialect never reports its own failure (an error is a non-200 answer).
+    reported: ReportedError | None = None
 
     @property
     def turn(self) -> TurnResult:

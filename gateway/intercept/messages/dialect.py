@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from gateway.intercept.dialect import Dialect, KeyScheme, ProviderApi, ToolShapes
+from gateway.intercept.dialect import Dialect, KeyScheme, ProviderApi, ToolShapes, prompt_only
 from gateway.intercept.errors import (
     anthropic_error_body,
     anthropic_error_event,
@@ -32,13 +32,14 @@ ANTHROPIC = ProviderApi(
     passthrough=PASSTHROUGH,
 )
 
+
 MESSAGES = Dialect(
     name="messages",
     provider=ANTHROPIC,
     path="/v1/messages",
     parse_request=parse_request,
-    stream=MessagesStream,
-    blocking=BlockingTurns,
+    stream=prompt_only(MessagesStream),
+    blocking=prompt_only(BlockingTurns),
     error_event=anthropic_error_event,
     relayed_error_event=anthropic_relayed_error_event,
     keepalive=ANTHROPIC_PING,

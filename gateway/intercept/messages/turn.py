@@ -7,6 +7,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from gateway.records import EndStatus
+
 
 @dataclass(slots=True)
 class StreamError:
@@ -14,6 +16,11 @@ class StreamError:
 
     type: str
     message: str
+
+    @property
+    def end_status(self) -> EndStatus:
+        """Always "failed": this dialect's streams report no other early end."""
+        return "failed"
 
 
 def not_run_reason(client_tool: bool, stop_reason: str) -> str:

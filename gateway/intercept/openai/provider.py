@@ -71,4 +71,6 @@ OPENAI = ProviderApi(
     keys=KeyScheme(header="authorization", prefix="Bearer ", label="Authorization: Bearer"),
     error_body=openai_error_body,
     passthrough=PASSTHROUGH,
+    # OpenAI base URLs end with the version (https://api.openai.com/v1, as its SDKs take them).
+    base_path="/v1",
 )

@@ -16,9 +16,11 @@ import orjson
 
 from gateway.intercept.responses.output import (
     ResponsesTurn,
+    StreamError,
     is_injected_call,
     item_records,
     not_run_reason,
+    reported_end,
     tool_call,
 )
 from gateway.intercept.responses.usage import summed_usage, usage_record
@@ -38,6 +40,8 @@ class BlockingResult:
     skipped_calls: list[ToolCall] = field(default_factory=list)
     skip_reason: str = ""
     stop_reason: str = ""
+    # A response that failed or ended incomplete: relayed as it came, recorded as such.
+    reported: StreamError | None = None
 
     @property
     def turn(self) -> TurnResult:
@@ -109,5 +113,10 @@ class BlockingTurns:
             body = orjson.dumps(response)
         reason = not_run_reason(client_tool, status)
         return BlockingResult(
-            body, records, skipped_calls=calls, skip_reason=reason, stop_reason=status
+            body,
+            records,
+            skipped_calls=calls,
+            skip_reason=reason,
+            stop_reason=status,
+            reported=reported_end(response),
         )

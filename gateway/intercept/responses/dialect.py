@@ -5,7 +5,7 @@ Both share everything but their path and name; a compaction request gets no inje
 
 from __future__ import annotations
 
-from gateway.intercept.dialect import Dialect, ToolShapes
+from gateway.intercept.dialect import Dialect, ToolShapes, prompt_only
 from gateway.intercept.openai.provider import OPENAI
 from gateway.intercept.responses.blocking import BlockingTurns
 from gateway.intercept.responses.events import KEEPALIVE, error_event, relayed_error_event
@@ -28,13 +28,14 @@ _TOOLS = ToolShapes(
     continuation=continuation,
 )
 
+
 RESPONSES = Dialect(
     name="responses",
     provider=OPENAI,
     path="/v1/responses",
     parse_request=parse_request,
-    stream=ResponsesStream,
-    blocking=BlockingTurns,
+    stream=prompt_only(ResponsesStream),
+    blocking=prompt_only(BlockingTurns),
     error_event=error_event,
     relayed_error_event=relayed_error_event,
     keepalive=KEEPALIVE,
@@ -48,8 +49,8 @@ COMPACT = Dialect(
     provider=OPENAI,
     path="/v1/responses/compact",
     parse_request=parse_request,
-    stream=ResponsesStream,
-    blocking=BlockingTurns,
+    stream=prompt_only(ResponsesStream),
+    blocking=prompt_only(BlockingTurns),
     error_event=error_event,
     relayed_error_event=relayed_error_event,
     keepalive=KEEPALIVE,
@@ -61,4 +62,5 @@ COMPACT = Dialect(
         error=function_call_error,
         continuation=continuation,
     ),
+    injects_tools=False,
 )

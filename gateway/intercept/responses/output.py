@@ -14,7 +14,7 @@ from typing import Any
 import orjson
 
 from gateway.intercept.rewriter import ToolCall
-from gateway.records import ModelThought, Record, ToolUsage
+from gateway.records import EndStatus, ModelThought, Record, ToolUsage
 
 # Items the client must answer before the conversation can go on: a turn with one is final.
 CLIENT_CALLS = frozenset(
@@ -34,10 +34,12 @@ _RECORDED_CALLS = frozenset({"function_call", "custom_tool_call"})
 
 @dataclass(slots=True)
 class StreamError:
-    """An error the upstream reported inside the stream (relayed to the client as it came)."""
+    """An error the upstream reported: an ``error`` event, or a response that failed or ended
+    incomplete (relayed to the client as it came)."""
 
     type: str
     message: str
+    end_status: EndStatus = "failed"
 
 
 @dataclass(frozen=True, slots=True)
@@ -74,6 +76,7 @@ def tool_call(item: dict[str, Any], response_id: str) -> ToolCall:
         str(item.get("name") or ""),
         args if isinstance(args, dict) else {},
         response_id,
+        str(item.get("id") or ""),
     )
 
 
@@ -110,9 +113,43 @@ def item_records(
                 tool=str(item.get("name") or ""),
                 tool_call_id=str(item.get("call_id") or ""),
                 args=_args(item.get("arguments" if kind == "function_call" else "input")),
+                item_id=str(item.get("id") or ""),
             )
         )
     return True
+
+
+def reported_end(response: dict[str, Any]) -> StreamError | None:
+    """What a response whose ``status`` is ``failed`` or ``incomplete`` reports; else None."""
+    status = response.get("status")
+    if status == "failed":
+        return failure(response)
+    if status == "incomplete":
+        return incompleteness(response)
+    return None
+
+
+def failure(response: dict[str, Any]) -> StreamError:
+    """A failed response's error (its ``error.code`` and ``.message``)."""
+    err = response.get("error")
+    err = err if isinstance(err, dict) else {}
+    code = err.get("code")
+    message = err.get("message")
+    return StreamError(
+        code if isinstance(code, str) and code else "response_failed",
+        message if isinstance(message, str) and message else "the response failed",
+    )
+
+
+def incompleteness(response: dict[str, Any]) -> StreamError:
+    """Why a response ended incomplete (``incomplete_details.reason``): no failure."""
+    details = response.get("incomplete_details")
+    reason = details.get("reason") if isinstance(details, dict) else None
+    return StreamError(
+        "response_incomplete",
+        f"the response is incomplete: {reason or 'no reason given'}",
+        "incomplete",
+    )
 
 
 def _args(raw: Any) -> str:

@@ -16,7 +16,13 @@ from typing import Any
 
 import orjson
 
-from gateway.intercept.responses.output import StreamError, item_records, not_run_reason
+from gateway.intercept.responses.output import (
+    StreamError,
+    failure,
+    incompleteness,
+    item_records,
+    not_run_reason,
+)
 from gateway.intercept.responses.turns import InjectedTurns
 from gateway.intercept.responses.usage import usage_record
 from gateway.intercept.rewriter import TurnResult
@@ -207,9 +213,9 @@ class ResponsesStream:
         status = response.get("status")
         self.status = status if isinstance(status, str) else kind.removeprefix("response.")
         if kind == "response.failed":
-            self.error = _failure(response)
+            self.error = failure(response)
         elif kind == "response.incomplete":
-            self.error = _incompleteness(response)
+            self.error = incompleteness(response)
         self.ended = True
         turns = self._turns
         if turns is None or event is None:
@@ -239,25 +245,6 @@ class ResponsesStream:
         if not self._prompt_recorded and self._prompt is not None:
             self._records.append(PromptUsage(self.interception_id, response_id, self._prompt))
             self._prompt_recorded = True
-
-
-def _failure(response: dict[str, Any]) -> StreamError:
-    err = response.get("error")
-    err = err if isinstance(err, dict) else {}
-    code = err.get("code")
-    message = err.get("message")
-    return StreamError(
-        code if isinstance(code, str) and code else "response_failed",
-        message if isinstance(message, str) and message else "the response failed",
-    )
-
-
-def _incompleteness(response: dict[str, Any]) -> StreamError:
-    details = response.get("incomplete_details")
-    reason = details.get("reason") if isinstance(details, dict) else None
-    return StreamError(
-        "response_incomplete", f"the response is incomplete: {reason or 'no reason given'}"
-    )
 
 
 def _reported(event: dict[str, Any] | None, data: bytes) -> StreamError:
