@@ -139,7 +139,7 @@ def build_app(
             router.add_route(method, "/{provider}" + path, relay)
         refuse = functools.partial(wrong_passthrough_method, services, route)
         router.add_route("*", "/{provider}" + path, refuse)
-    router.register_resource(AnyTarget(unknown_route))
+    router.register_resource(AnyTarget(functools.partial(unknown_route, services)))
     return app
 
 

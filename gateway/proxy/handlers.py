@@ -22,7 +22,7 @@ from gateway.access_log import log_refused
 from gateway.auth import Authenticated, authenticate
 from gateway.identity import client_session_id, detect_client
 from gateway.intercept.dialect import Dialect, ParsedRequest, ProviderApi, RequestError, ToolShapes
-from gateway.intercept.dialects import UNROUTED
+from gateway.intercept.dialects import DIALECTS, UNROUTED, provider_apis
 from gateway.intercept.loop import AgenticLoop
 from gateway.intercept.passthrough_paths import reencode_query
 from gateway.observe import GatewayStats, Observation
@@ -131,9 +131,24 @@ def refuse(request: web.Request, api: ProviderApi, status: int, message: str) ->
     return refused(request, error_response(api, status, message), message)
 
 
-async def unknown_route(request: web.Request) -> web.Response:
-    """The catch-all route's 404 (no provider, no route), logged."""
-    return refused(request, route_not_found(UNROUTED, request), "route not supported")
+# The provider types' shared parts, by type: the shape of a provider's errors off its routes.
+_PROVIDER_APIS = provider_apis(DIALECTS)
+
+
+def shape_of(snapshot: Snapshot, name: str, default: ProviderApi = UNROUTED) -> ProviderApi:
+    """The error shape of the provider called ``name`` (its type's), else ``default``."""
+    provider = snapshot.providers.get(name)
+    if provider is None:
+        return default
+    return _PROVIDER_APIS.get(provider.type, default)
+
+
+async def unknown_route(services: Services, request: web.Request) -> web.Response:
+    """The catch-all route's 404 (no route), logged: in the shape of the provider the path's
+    first segment names, so an OpenAI client gets OpenAI's (bind ``services``)."""
+    segments = request.path.split("/", 2)  # "*" (OPTIONS *) has no segment
+    api = shape_of(services.state.current, segments[1] if len(segments) > 1 else "")
+    return refused(request, route_not_found(api, request), "route not supported")
 
 
 def provider_of(

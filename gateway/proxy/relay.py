@@ -161,7 +161,12 @@ class Interception:
             resp.release()
         headers = tuple(relayed_header_items(resp.headers))
         refused = UpstreamRefused(
-            resp.status, body, *parse_error_body(body), headers, resp.content_type
+            resp.status,
+            body,
+            *parse_error_body(body),
+            headers,
+            # As sent (a charset parameter included), not aiohttp's parsed media type.
+            resp.headers.get("Content-Type", ""),
         )
         self.outcome.upstream_status = resp.status
         self.outcome.fail(refused.error_type, refused.message)
@@ -210,7 +215,7 @@ class Interception:
                 resp = following
             headers = relayed_header_items(resp.headers)
             out = web.Response(status=resp.status, body=result.body, headers=headers)
-            out.content_type = resp.content_type or "application/json"
+            out.headers["Content-Type"] = resp.headers.get("Content-Type") or "application/json"
             return out
         finally:
             if resp is not first:
@@ -388,5 +393,5 @@ class Interception:
 def _refused_response(refused: UpstreamRefused) -> web.Response:
     """The provider's error answer, relayed with its status, body and relayable headers."""
     out = web.Response(status=refused.status, body=refused.body, headers=refused.headers)
-    out.content_type = refused.content_type or "application/json"
+    out.headers["Content-Type"] = refused.content_type or "application/json"
     return out

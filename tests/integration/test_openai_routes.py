@@ -6,8 +6,9 @@ from typing import Any
 
 import aiohttp
 import orjson
+import pytest
 
-from gateway.testing import FakeUpstream
+from gateway.testing import FakeUpstream, Reply
 from tests.conftest import GATEWAY_KEY, GatewayFactory
 
 
@@ -66,3 +67,64 @@ async def test_refusals_on_openai_routes_are_in_openai_shape(
     assert error["type"] == "invalid_request_error" and error["code"] == "invalid_api_key"
     assert bad["type"] == "invalid_request_error" and bad["message"]
     assert upstream.requests == []
+
+
+@pytest.mark.parametrize(
+    ("method", "path"),
+    [
+        ("GET", "/openai/v1/files"),  # not allow-listed: never reaches the provider
+        ("POST", "/openai/v1/embeddings"),
+    ],
+)
+async def test_unknown_routes_under_an_openai_provider_answer_in_openai_shape(
+    make_gateway: GatewayFactory, upstream: FakeUpstream, method: str, path: str
+) -> None:
+    gw = await make_gateway(
+        providers=[
+            openai_provider(upstream.url, api_key="sk-central"),
+            {"name": "anthropic", "type": "anthropic", "base_url": upstream.url},
+        ]
+    )
+    async with aiohttp.ClientSession() as http:
+        async with http.request(method, f"{gw.root}{path}") as resp:
+            assert resp.status == 404
+            body = orjson.loads(await resp.read())
+        # Elsewhere, Anthropic's shape as before.
+        async with http.get(f"{gw.root}/anthropic/v1/files") as resp:
+            assert resp.status == 404
+            other = orjson.loads(await resp.read())
+        async with http.request("OPTIONS", f"{gw.root}/nowhere") as resp:
+            assert resp.status == 404
+    assert set(body["error"]) == {"message", "type", "param", "code"}
+    assert body["error"]["code"] == "not_found"
+    assert other["type"] == "error" and other["error"]["type"] == "not_found_error"
+    assert upstream.requests == []
+
+
+# A stream's answer is text/event-stream: only an error answers a streaming request with JSON.
+@pytest.mark.parametrize(("status", "stream"), [(200, False), (429, False), (429, True)])
+async def test_the_content_type_of_a_blocking_answer_is_relayed_as_sent(
+    make_gateway: GatewayFactory, upstream: FakeUpstream, status: int, stream: bool
+) -> None:
+    # Synthetic: a provider that names its charset; the client gets the header as it was.
+    content_type = "application/json; charset=utf-8"
+    body = (
+        b'{"error":{"message":"slow down","type":"requests","param":null,"code":null}}'
+        if status == 429
+        else b'{"id":"chatcmpl-1","object":"chat.completion","created":1,"model":"m",'
+        b'"choices":[{"index":0,"message":{"role":"assistant","content":"hi"},'
+        b'"finish_reason":"stop"}],"usage":{"prompt_tokens":1,"completion_tokens":1,'
+        b'"total_tokens":2}}'
+    )
+    upstream.enqueue(Reply(status=status, headers={"Content-Type": content_type}, body=body))
+    gw = await make_gateway(providers=[openai_provider(upstream.url, api_key="sk-central")])
+    async with (
+        aiohttp.ClientSession() as http,
+        http.post(
+            f"{gw.root}/openai/v1/chat/completions",
+            headers={"Authorization": f"Bearer {GATEWAY_KEY}"},
+            json={"model": "m", "messages": [{"role": "user", "content": "hi"}], "stream": stream},
+        ) as resp,
+    ):
+        assert resp.status == status
+        assert resp.headers["Content-Type"] == content_type

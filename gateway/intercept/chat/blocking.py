@@ -118,12 +118,16 @@ class ChatBlocking:
                 if not isinstance(call, dict):
                     continue
                 function = call.get("function")
+                custom = not isinstance(function, dict) and isinstance(call.get("custom"), dict)
+                if custom:
+                    function = call["custom"]
                 function = function if isinstance(function, dict) else {}
                 slot = CallSlot(index, str(call.get("id") or ""), str(function.get("name") or ""))
-                arguments = function.get("arguments")
+                slot.custom = custom
+                arguments = function.get("input" if custom else "arguments")
                 if isinstance(arguments, str) and arguments:
                     slot.parts.append(arguments)
-                if self._injected is not None and self._injected(slot.name):
+                if not custom and self._injected is not None and self._injected(slot.name):
                     slot.injected = True
                     injected.append(slot)
                 else:

@@ -7,6 +7,10 @@ at the end of the turn (parsing partial JSON on every fragment is quadratic).
 
 Some compatible providers give every call of a turn the same index: a fragment with a new ``id``
 at an index whose call already has another one starts a new call.
+
+A custom tool's call (``type: "custom"``) carries ``custom.name`` and pieces of ``custom.input``,
+free text rather than JSON: its record's arguments are that text as a JSON string, as Responses
+records its custom calls. Injected tools are function tools: a custom call is the client's.
 """
 
 from __future__ import annotations
@@ -33,10 +37,15 @@ class CallSlot:
     injected: bool = False
     # The ``index`` the client sees for a visible call.
     client_index: int = 0
+    # A custom tool's call: ``parts`` are pieces of free text.
+    custom: bool = False
 
     @property
     def arguments(self) -> str:
-        """The call's arguments as the model wrote them ("{}" when it wrote none)."""
+        """The call's arguments as the model wrote them ("{}" when it wrote none); a custom
+        call's input as a JSON string."""
+        if self.custom:
+            return orjson.dumps("".join(self.parts)).decode()
         return "".join(self.parts) or "{}"
 
     def input(self) -> dict[str, Any]:
@@ -84,12 +93,19 @@ class TurnCalls:
         if not isinstance(call_id, str):
             call_id = ""
         function = fragment.get("function")
+        custom = False
+        if not isinstance(function, dict):
+            function = fragment.get("custom")
+            custom = isinstance(function, dict)
         name = function.get("name") if isinstance(function, dict) else None
         if slot is None or (call_id and slot.id and call_id != slot.id):
-            slot = CallSlot(choice, call_id)
+            slot = CallSlot(choice, call_id, custom=custom)
             self.slots.append(slot)
             self._by_index[key] = slot
-            if isinstance(name, str) and self._injected is not None and self._injected(name):
+            if custom:
+                slot.client_index = self._next_client.get(choice, 0)
+                self._next_client[choice] = slot.client_index + 1
+            elif isinstance(name, str) and self._injected is not None and self._injected(name):
                 slot.injected = True
             else:
                 slot.client_index = self._next_client.get(choice, 0)
@@ -99,7 +115,7 @@ class TurnCalls:
         if isinstance(function, dict):
             if isinstance(name, str) and not slot.name:
                 slot.name = name
-            arguments = function.get("arguments")
+            arguments = function.get("input" if slot.custom else "arguments")
             if isinstance(arguments, str) and arguments:
                 slot.parts.append(arguments)
         return slot

@@ -85,6 +85,8 @@ class ChatStream:
         # The bytes opening each chunk of the turn, and their rewrite (fast path), if known.
         self._old: bytes | None = None
         self._new = b""
+        # The bytes opening a plain chunk of the turn up to its choices (see _learn_head).
+        self._head: bytes | None = None
         self._usage = ChatUsage()
         self._turn_usage: dict[str, Any] = {}
         self._calls = TurnCalls(self._injected, self._next_client)
@@ -108,13 +110,43 @@ class ChatStream:
         if not region:
             return None
         old = self._old
-        if old is not None and _plain(region):
+        # The usual chunk, one frame of one ``data:`` line (its first line feed ends it): the
+        # frame path below gives what the region path would.
+        if region.find(b"\n") == len(region) - 2 and region.startswith(b"data: "):
+            if old is not None:
+                head = self._head
+                if head is not None and region.startswith(head):
+                    # The bytes before were searched in an earlier chunk.
+                    if _MARKERS.search(region, len(head)) is None:
+                        out = self._new + region[len(old) :]
+                        return out if self._client_usage else out.replace(_NULL_USAGE, b"")
+                    return self._data(region, region[6:-2])
+                if region.startswith(old) or region.find(old) < 0:
+                    return self._frame(region, None)
+            else:
+                return self._data(region, region[6:-2])
+        if old is not None and _MARKERS.search(region) is None:
             n = region.count(old)
             # Each chunk opens with the known bytes (content cannot hold a raw newline).
             if n == region.count(b"\ndata:") + region.startswith(b"data:"):
                 out = region.replace(old, self._new) if n else region
                 return out if self._client_usage else out.replace(_NULL_USAGE, b"")
-        return self.feed_all(SSEFramer().feed(region))
+        # Frame by frame, cut as SSEFramer would (the region has no carriage return).
+        pieces = []
+        pos = 0
+        while pos < len(region):
+            end = region.find(b"\n\n", pos) + 2
+            pieces.append(self._frame(region[pos:end], None))
+            pos = end
+        return b"".join(pieces)
+
+    def _learn_head(self, raw: bytes, old: bytes) -> None:
+        """Keep the bytes of a plain chunk up to its ``choices``: the provider repeats them in
+        the next chunks (object, created, model...), whose search may then start after them.
+        No marker can straddle the end of the head: it ends in '":['."""
+        i = raw.find(b'"choices":[', len(old))
+        if i > 0:
+            self._head = raw[: i + 11]
 
     def feed_all(self, frames: list[Frame]) -> bytes:
         """Process frames in order and return the client bytes for all of them, joined."""
@@ -124,12 +156,30 @@ class ChatStream:
 
     def feed(self, frame: Frame) -> bytes:
         """Process one upstream frame; return what the client must receive for it."""
-        raw = frame.raw
+        return self._frame(frame.raw, frame)
+
+    def _frame(self, raw: bytes, frame: Frame | None) -> bytes:
+        """``feed`` of the frame ``raw`` (``frame``, when there is one, knows its data)."""
         old = self._old
-        if old is not None and raw.startswith(old) and _plain(raw):
-            out = self._new + raw[len(old) :]
-            return out if self._client_usage else out.replace(_NULL_USAGE, b"")
-        data = frame.data
+        if old is not None and raw.startswith(old):
+            head = self._head
+            start = len(head) if head is not None and raw.startswith(head) else 0
+            # From ``start``: the bytes before were searched in an earlier chunk.
+            if _MARKERS.search(raw, start) is None:
+                if head is None:
+                    self._learn_head(raw, old)
+                out = self._new + raw[len(old) :]
+                return out if self._client_usage else out.replace(_NULL_USAGE, b"")
+        if frame is not None:
+            data = frame.data
+        elif raw.find(b"\n") == len(raw) - 2 and raw.startswith(b"data: "):
+            data = raw[6:-2]  # what Frame.data gives for one line
+        else:
+            data = Frame(raw).data
+        return self._data(raw, data)
+
+    def _data(self, raw: bytes, data: bytes) -> bytes:
+        """Process one frame, not of the fast path, from its raw bytes and its data payload."""
         if not data:
             return raw  # a comment (keep-alive) or an empty event
         if data == b"[DONE]":
@@ -197,8 +247,10 @@ class ChatStream:
         usage = obj.get("usage")
         if isinstance(usage, dict):
             self._usage.update(usage)
-            self._turn_usage = {}
-            add_usage(self._turn_usage, usage)
+            if self._injected is not None:
+                # Only an agentic loop sums usage over turns.
+                self._turn_usage = {}
+                add_usage(self._turn_usage, usage)
             if not choices and (self.continues or not self._client_usage):
                 return b""  # the usage-only chunk of a hidden turn end, or one nobody asked for
             if self.turn and not self.continues:
@@ -340,10 +392,12 @@ class ChatStream:
         self._ended = True
         msg_id = self._msg_id or ""
         iid = self.interception_id
-        self._records.extend(slot.usage(iid, msg_id) for slot in self._calls.client)
+        if self._calls.slots:
+            self._records.extend(slot.usage(iid, msg_id) for slot in self._calls.client)
         if self._usage.reported:
             self._records.append(self._usage.record(iid, msg_id))
-            add_usage(self._totals, self._turn_usage)
+            if self._turn_usage:
+                add_usage(self._totals, self._turn_usage)
 
     def _record_prompt(self, msg_id: str) -> None:
         if not self._prompt_recorded and self._prompt is not None:
@@ -357,15 +411,8 @@ class ChatStream:
 _NULL_USAGE = b',"usage":null'
 
 
-def _plain(chunks: bytes) -> bool:
-    """Whether ``chunks`` surely hold no tool call, no error and no usage object."""
-    # find, not "in" (see gateway.sse.framing): this runs once per upstream chunk.
-    return (
-        chunks.find(b'"tool_calls"') < 0
-        and chunks.find(b'"error"') < 0
-        and chunks.count(b'"usage"') == chunks.count(b'"usage":null')
-    )
-
+# What a plain chunk holds none of: a tool call, an error, a usage object. One search, in C.
+_MARKERS = re.compile(rb'"(?:tool_calls"|error"|usage"(?!:null))')
 
 _NOTHING: tuple[Any, ...] = (None, "", [])
 

@@ -19,12 +19,12 @@ from typing import Any
 
 from gateway.records import TokenUsage
 
-# Counters kept apart in ``TokenUsage.extra``, by (details object, field) -> record name.
-_EXTRA = (
-    ("prompt_tokens_details", "audio_tokens", "prompt_audio_tokens"),
-    ("completion_tokens_details", "audio_tokens", "completion_audio_tokens"),
-    ("completion_tokens_details", "accepted_prediction_tokens", "accepted_prediction_tokens"),
-    ("completion_tokens_details", "rejected_prediction_tokens", "rejected_prediction_tokens"),
+# Counters of ``completion_tokens_details`` kept apart in ``TokenUsage.extra``, as named there
+# (``prompt_tokens_details.audio_tokens`` is the other one).
+_COMPLETION_EXTRA = (
+    ("audio_tokens", "completion_audio_tokens"),
+    ("accepted_prediction_tokens", "accepted_prediction_tokens"),
+    ("rejected_prediction_tokens", "rejected_prediction_tokens"),
 )
 
 
@@ -48,27 +48,30 @@ class ChatUsage:
         if not isinstance(usage, dict):
             return
         self.reported = True
-        v = usage.get("prompt_tokens")
+        get = usage.get
+        v = get("prompt_tokens")
         if type(v) is int:
             self.prompt = v
-        v = usage.get("completion_tokens")
+        v = get("completion_tokens")
         if type(v) is int:
             self.completion = v
-        details = usage.get("prompt_tokens_details")
+        details = get("prompt_tokens_details")
         if isinstance(details, dict):
             v = details.get("cached_tokens")
             if type(v) is int:
                 self.cached = v
-        details = usage.get("completion_tokens_details")
+            v = details.get("audio_tokens")
+            if type(v) is int and v:
+                self.extra["prompt_audio_tokens"] = v
+        details = get("completion_tokens_details")
         if isinstance(details, dict):
             v = details.get("reasoning_tokens")
             if type(v) is int:
                 self.reasoning = v
-        for parent, name, key in _EXTRA:
-            details = usage.get(parent)
-            v = details.get(name) if isinstance(details, dict) else None
-            if type(v) is int and v:
-                self.extra[key] = v
+            for name, key in _COMPLETION_EXTRA:
+                v = details.get(name)
+                if type(v) is int and v:
+                    self.extra[key] = v
 
     def record(self, interception_id: str, msg_id: str) -> TokenUsage:
         """The token-usage record of this response, normalised (see the module docstring)."""
