@@ -524,6 +524,9 @@ async def test_compaction_is_relayed_and_accounted(
     make_gateway: GatewayFactory, upstream: Any, mode: str
 ) -> None:
     fx, body = openai_fixture("responses", "compact")
+    # A history that ends with a user message (older Codex builds send no compaction_trigger).
+    later = {"type": "message", "role": "user", "content": [{"type": "input_text", "text": "go"}]}
+    body = dict(body, input=[*body["input"][:-1], later])
     gw = await start_openai(make_gateway, upstream.url)
     reply = Reply.from_section(fx["non-streaming"])
     gw.upstream.enqueue(reply, reply)
@@ -548,6 +551,8 @@ async def test_compaction_is_relayed_and_accounted(
     assert (tokens["msg_id"], tokens_of(tokens)) == (final["id"], responses_usage(final))
     [ended] = by_kind(records, "interception_ended")
     assert ended["status"] == "completed"
+    # The history's last user item was recorded when it was asked: not again for its compaction.
+    assert by_kind(records, "prompt_usage") == []
 
 
 async def test_background_response_refused_before_any_upstream_call(

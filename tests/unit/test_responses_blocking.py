@@ -8,7 +8,7 @@ import orjson
 import pytest
 
 from gateway.intercept.responses.blocking import BlockingTurns
-from gateway.intercept.responses.dialect import COMPACT
+from gateway.intercept.responses.dialect import COMPACT, RESPONSES
 from gateway.intercept.responses.request import parse_request
 from gateway.records import ModelThought, PromptUsage, Record, TokenUsage, ToolUsage
 from gateway.testing import load_txtar
@@ -159,3 +159,32 @@ def test_failed_response_is_the_answer_reported_failed() -> None:
         error["message"],
     )
     assert BlockingTurns(IID, None).feed(_body("text")).reported is None
+
+
+@pytest.mark.parametrize(
+    "client", [{}, {"parallel_tool_calls": True}, {"parallel_tool_calls": False}]
+)
+def test_injected_loop_answer_shows_the_clients_tools_and_parallel_tool_calls(
+    client: dict[str, Any],
+) -> None:
+    fx = load_txtar(FOLDER / "injected_loop_echo.txtar")
+    request = {**orjson.loads(fx["request"]), **client, "stream": False}
+    turns = RESPONSES.blocking(IID, parse_request(orjson.dumps(request)), _bmcp)
+    first = turns.feed(fx["non-streaming"].strip().encode())
+    assert first.turn.tool_calls
+    last = turns.feed(fx["non-streaming/tool-call"].strip().encode())
+    answer = orjson.loads(last.body)
+    assert answer["tools"] == request["tools"]
+    assert answer["parallel_tool_calls"] is request.get("parallel_tool_calls", True)
+
+
+def test_final_first_answer_shows_the_clients_echo() -> None:
+    fx = load_txtar(FOLDER / "injected_loop_echo.txtar")
+    turns = RESPONSES.blocking(IID, parse_request(fx["request"].encode()), _bmcp)
+    answer = orjson.loads(turns.feed(fx["non-streaming/tool-call"].strip().encode()).body)
+    upstream = orjson.loads(fx["non-streaming/tool-call"])
+    assert answer == {**upstream, "tools": upstream["tools"][:1], "parallel_tool_calls": True}
+
+
+def _bmcp(name: str) -> bool:
+    return name.startswith("bmcp_")

@@ -210,3 +210,16 @@ def test_dialects() -> None:
     assert RESPONSES.provider.type == "openai"
     assert RESPONSES.keepalive == b": ping\n\n"
     assert RESPONSES.terminal_event == "response.completed"
+
+
+@pytest.mark.parametrize("value", [None, True, False])
+def test_clients_parallel_tool_calls_kept_before_injection(value: bool | None) -> None:
+    body = {
+        "model": "m",
+        "input": "hi",
+        **({} if value is None else {"parallel_tool_calls": value}),
+    }
+    request = parse_request(orjson.dumps(body))
+    inject_tools(request.parsed, [{"type": "function", "name": "bmcp_x"}])
+    assert request.parsed["parallel_tool_calls"] is False
+    assert request.client_parallel_tool_calls is value

@@ -380,3 +380,71 @@ def test_reported_errors_say_their_end_status(name: str, status: str) -> None:
     _run(stream, _sse(name))
     assert stream.error is not None
     assert stream.error.end_status == status
+
+
+# -- the injected request's echo ----------------------------------------------------------------
+
+ECHO = load_txtar(FOLDER / "injected_loop_echo.txtar")
+
+
+def _echo_stream(client: dict[str, Any]) -> tuple[ResponsesStream, dict[str, Any]]:
+    """A stream rewriter made by the dialect for the echo fixture's request plus ``client``."""
+    request = {**orjson.loads(ECHO["request"]), **client}
+    parsed = RESPONSES.parse_request(orjson.dumps(request))
+    rewriter = RESPONSES.stream(IID, parsed, _injected)
+    assert isinstance(rewriter, ResponsesStream)
+    return rewriter, request
+
+
+def _shown(out: bytes) -> list[tuple[str, list[Any], Any]]:
+    return [
+        (e["type"], e["response"]["tools"], e["response"]["parallel_tool_calls"])
+        for e in _events(out)
+        if "response" in e
+    ]
+
+
+@pytest.mark.parametrize("size", [0, 5, 300])
+@pytest.mark.parametrize(
+    "client", [{}, {"parallel_tool_calls": True}, {"parallel_tool_calls": False}]
+)
+def test_injected_loop_shows_the_clients_tools_and_parallel_tool_calls(
+    size: int, client: dict[str, Any]
+) -> None:
+    stream, request = _echo_stream(client)
+    out, _ = _run(stream, ECHO["streaming"].encode(), size)
+    stream.next_turn()
+    more, _ = _run(stream, ECHO["streaming/tool-call"].encode(), size)
+    out += more
+    assert b"bmcp_" not in out
+    mine = (request["tools"], request.get("parallel_tool_calls", True))
+    kinds = ["response.created", "response.in_progress", "response.completed"]
+    assert _shown(out) == [(kind, *mine) for kind in kinds]
+    seqs = [e["sequence_number"] for e in _events(out)]
+    assert seqs == list(range(len(seqs)))
+
+
+@pytest.mark.parametrize("size", [0, 64])
+def test_final_first_turn_shows_the_clients_echo(size: int) -> None:
+    """No injected call (identity): the lifecycle and terminal events are re-encoded all the
+    same, every other event passes as it came."""
+    stream, request = _echo_stream({})
+    data = ECHO["streaming/tool-call"].encode()
+    out, _ = _run(stream, data, size)
+    assert stream.stop_relayed
+    assert b"bmcp_" not in out
+    assert {(tools == request["tools"], parallel) for _, tools, parallel in _shown(out)} == {
+        (True, True)
+    }
+    sent, got = SSEFramer().feed(data), SSEFramer().feed(out)
+    assert [f.raw for f in got if b'"response":' not in f.raw] == [
+        f.raw for f in sent if b'"response":' not in f.raw
+    ]
+
+
+def test_injected_stream_whose_echo_is_the_clients_passes_as_is() -> None:
+    """An upstream that echoes nothing injected (or no echo at all): bytes untouched."""
+    data = _sse("text")
+    stream, _ = _echo_stream({})
+    out, _ = _run(stream, data, 7)
+    assert out == data

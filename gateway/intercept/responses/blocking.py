@@ -3,7 +3,8 @@
 Without injected tools the client gets the provider's body as it came (response ids are never
 rewritten). With them, a response that completed having called only injected tools is a turn
 the gateway continues itself; the client gets the last response with the injected calls
-removed, the visible output of the earlier turns before its own, and the usage summed.
+removed, the visible output of the earlier turns before its own, the usage summed, and the
+client's own ``tools`` and ``parallel_tool_calls`` in place of the injected request's echo.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from gateway.intercept.responses.output import (
     reported_end,
     tool_call,
 )
+from gateway.intercept.responses.tools import client_parallel, hide_injection
 from gateway.intercept.responses.usage import summed_usage, usage_record
 from gateway.intercept.rewriter import ToolCall, TurnResult
 from gateway.records import PromptUsage, Record
@@ -59,10 +61,14 @@ class BlockingTurns:
         interception_id: str,
         prompt: str | None,
         injected: Callable[[str], bool] | None = None,
+        client_parallel_tool_calls: Any = None,
     ) -> None:
+        """``client_parallel_tool_calls``: the client's own value (None: unset), shown to it in
+        the answer when tools were injected."""
         self.interception_id = interception_id
         self._prompt = prompt
         self._injected = injected
+        self._client_parallel = client_parallel_tool_calls
         self.turns = 0
         # The visible output items and usage objects of the turns the gateway continued.
         self._earlier_items: list[Any] = []
@@ -104,12 +110,18 @@ class BlockingTurns:
             return BlockingResult(
                 body, records, tool_calls=calls, assistant=turn, stop_reason=status
             )
+        injected = self._injected
+        changed = injected is not None and hide_injection(
+            response, injected, client_parallel(self._client_parallel)
+        )
         if len(visible) != len(items) or self._earlier_items or self._earlier_usage:
             if isinstance(output, list):
                 response["output"] = [*self._earlier_items, *visible]
             usage = response.get("usage")
             if isinstance(usage, dict) and self._earlier_usage:
                 response["usage"] = summed_usage(usage, self._earlier_usage)
+            changed = True
+        if changed:
             body = orjson.dumps(response)
         reason = not_run_reason(client_tool, status)
         return BlockingResult(

@@ -5,11 +5,13 @@ Both share everything but their path and name; a compaction request gets no inje
 
 from __future__ import annotations
 
-from gateway.intercept.dialect import Dialect, ToolShapes, prompt_only
+import dataclasses
+
+from gateway.intercept.dialect import Dialect, Injected, ToolShapes
 from gateway.intercept.openai.provider import OPENAI
 from gateway.intercept.responses.blocking import BlockingTurns
 from gateway.intercept.responses.events import KEEPALIVE, error_event, relayed_error_event
-from gateway.intercept.responses.request import parse_request
+from gateway.intercept.responses.request import ResponsesRequest, parse_request
 from gateway.intercept.responses.stream import ResponsesStream
 from gateway.intercept.responses.tools import (
     continuation,
@@ -29,13 +31,29 @@ _TOOLS = ToolShapes(
 )
 
 
+def _stream(
+    interception_id: str, request: ResponsesRequest, injected: Injected | None
+) -> ResponsesStream:
+    return ResponsesStream(
+        interception_id, request.prompt, injected, request.client_parallel_tool_calls
+    )
+
+
+def _blocking(
+    interception_id: str, request: ResponsesRequest, injected: Injected | None
+) -> BlockingTurns:
+    return BlockingTurns(
+        interception_id, request.prompt, injected, request.client_parallel_tool_calls
+    )
+
+
 RESPONSES = Dialect(
     name="responses",
     provider=OPENAI,
     path="/v1/responses",
     parse_request=parse_request,
-    stream=prompt_only(ResponsesStream),
-    blocking=prompt_only(BlockingTurns),
+    stream=_stream,
+    blocking=_blocking,
     error_event=error_event,
     relayed_error_event=relayed_error_event,
     keepalive=KEEPALIVE,
@@ -43,14 +61,21 @@ RESPONSES = Dialect(
     tools=_TOOLS,
 )
 
+
+def parse_compaction(body: bytes) -> ResponsesRequest:
+    """A compaction request: validated like any, but with no prompt of its own to record (its
+    last user item is the conversation's, recorded when it was asked)."""
+    return dataclasses.replace(parse_request(body), prompt=None)
+
+
 # Codex's remote compaction: relayed and accounted like any response.
 COMPACT = Dialect(
     name="responses_compact",
     provider=OPENAI,
     path="/v1/responses/compact",
-    parse_request=parse_request,
-    stream=prompt_only(ResponsesStream),
-    blocking=prompt_only(BlockingTurns),
+    parse_request=parse_compaction,
+    stream=_stream,
+    blocking=_blocking,
     error_event=error_event,
     relayed_error_event=relayed_error_event,
     keepalive=KEEPALIVE,

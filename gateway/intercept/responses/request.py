@@ -29,6 +29,9 @@ class ResponsesRequest:
     stream: bool
     prompt: str | None
     correlating_tool_call_id: str | None
+    # ``parallel_tool_calls`` as the client sent it (None: unset), read before injection turns it
+    # off: the rewriters show the client its own value in the responses that echo it.
+    client_parallel_tool_calls: Any = None
 
 
 def parse_request(body: bytes) -> ResponsesRequest:
@@ -63,6 +66,7 @@ def parse_request(body: bytes) -> ResponsesRequest:
         parsed.get("stream") is True,
         last_user_prompt(items),
         correlating_tool_call_id(items),
+        parsed.get("parallel_tool_calls"),
     )
 
 

@@ -5,7 +5,9 @@ never rewritten (clients chain them through ``previous_response_id``). Only the 
 carry records are parsed (``response.created``, ``response.output_item.done``, the terminal
 ``response.completed`` / ``.failed`` / ``.incomplete``, ``error``); deltas, the bulk of a
 stream, pass a region scan unread. With injected tools one client-visible response may span
-several upstream responses: :mod:`gateway.intercept.responses.turns` does that surgery.
+several upstream responses: :mod:`gateway.intercept.responses.turns` does that surgery, and
+every response object shown to the client echoes its own ``tools`` and ``parallel_tool_calls``,
+not the injected request's (``response.in_progress`` is then read too).
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ from gateway.intercept.responses.output import (
     item_records,
     not_run_reason,
 )
+from gateway.intercept.responses.tools import client_parallel
 from gateway.intercept.responses.turns import InjectedTurns
 from gateway.intercept.responses.usage import usage_record
 from gateway.intercept.rewriter import TurnResult
@@ -77,7 +80,10 @@ class ResponsesStream:
         interception_id: str,
         prompt: str | None,
         injected: Callable[[str], bool] | None = None,
+        client_parallel_tool_calls: Any = None,
     ) -> None:
+        """``client_parallel_tool_calls``: the client's own value (None: unset), shown to it in
+        the response objects when tools were injected."""
         self.interception_id = interception_id
         self._prompt = prompt
         self._prompt_recorded = prompt is None
@@ -86,7 +92,12 @@ class ResponsesStream:
         # The current upstream response's id (records' msg_id), "" until it is known.
         self._response_id = ""
         self._usage_recorded = False
-        self._turns = InjectedTurns(injected) if injected else None
+        self._turns: InjectedTurns | None = None
+        self._scanner = _SCANNER
+        if injected:
+            parallel = client_parallel(client_parallel_tool_calls)
+            self._turns = InjectedTurns(injected, parallel)
+            self._scanner = _INJECTED_SCANNER
         # The region scan's flag (``ScanTarget``): every frame must be read (renumbering).
         self.scan_all = False
         # An ``error`` event, or a response that failed or stopped incomplete (see ``status``).
@@ -111,7 +122,7 @@ class ResponsesStream:
         """Frame ``chunk`` and process what it completes: the client bytes, or None if nothing."""
         region = framer.feed_region(chunk)
         if region is not None:
-            return _SCANNER.scan(self, region) if region else None
+            return self._scanner.scan(self, region) if region else None
         frames = framer.feed(chunk)
         if not frames:
             return None
@@ -275,7 +286,16 @@ _HANDLERS: dict[str, Callable[[ResponsesStream, Frame], bytes]] = {
 }
 # The same, keyed by the event name's bytes, for the region scan; any other named frame goes
 # to ``feed``.
-_SCANNER = RegionScanner(_PATTERNS, {name.encode(): h for name, h in _HANDLERS.items()})
+_BY_NAME = {name.encode(): h for name, h in _HANDLERS.items()}
+_SCANNER = RegionScanner(_PATTERNS, _BY_NAME)
+# With injected tools ``response.in_progress`` is read too: its response object echoes them.
+_INJECTED_SCANNER = RegionScanner(
+    replace(
+        named_events(ignored=[], tracked_only=[e for e in _PASSING if e != "response.in_progress"]),
+        head=_PATTERNS.head,
+    ),
+    _BY_NAME,
+)
 
 
 def _loads(data: bytes) -> dict[str, Any] | None:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import orjson
@@ -46,6 +46,44 @@ def inject_tools(body: dict[str, Any], tools: Sequence[dict[str, Any]]) -> None:
         raise ValueError(f"tools must be an array, got {type(client_tools).__name__}")
     body["tools"] = [*client_tools, *tools]
     body["parallel_tool_calls"] = False
+
+
+def client_parallel(value: Any) -> bool:
+    """The ``parallel_tool_calls`` a response echoes for a client that sent ``value``: its own,
+    or the provider's default (on) when it sent none."""
+    return value if isinstance(value, bool) else True
+
+
+def hide_injection(
+    response: dict[str, Any], injected: Callable[[str], bool], parallel_tool_calls: bool
+) -> bool:
+    """Undo, in the ``response`` object the provider echoes, what :func:`inject_tools` did.
+
+    The provider echoes the request's ``tools`` and ``parallel_tool_calls``: the client must see
+    its own, not the injected definitions nor parallel calls turned off. Return whether
+    ``response`` changed (a key the echo lacks is never added).
+    """
+    changed = False
+    tools = response.get("tools")
+    if isinstance(tools, list):
+        kept = [tool for tool in tools if not _injected_tool(tool, injected)]
+        if len(kept) != len(tools):
+            response["tools"] = kept
+            changed = True
+    echoed = response.get("parallel_tool_calls")
+    if type(echoed) is bool and echoed is not parallel_tool_calls:
+        response["parallel_tool_calls"] = parallel_tool_calls
+        changed = True
+    return changed
+
+
+def _injected_tool(tool: Any, injected: Callable[[str], bool]) -> bool:
+    # Injected tools are top-level functions (``function_tool``), named from the catalogue.
+    return (
+        isinstance(tool, dict)
+        and tool.get("type") == "function"
+        and injected(str(tool.get("name") or ""))
+    )
 
 
 def refuse_tools(body: dict[str, Any], tools: Sequence[dict[str, Any]]) -> None:

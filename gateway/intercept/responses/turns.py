@@ -7,7 +7,8 @@ client then sees one coherent stream: a single ``response.created`` and ``respon
 only called injected tools, ``output_index`` renumbered without gaps across turns,
 ``sequence_number`` renumbered strictly increasing, and a final ``response.completed`` carrying
 the last upstream response (its id is what the client chains from) with the visible output of
-every turn and the usage summed over turns.
+every turn and the usage summed over turns. Every response object shown echoes the client's own
+``tools`` and ``parallel_tool_calls``, not the injected request's: those events are re-encoded.
 
 Renumbering edits the integer fields in the event's bytes; an event is re-encoded only when
 its content changes (the final event) or a field cannot be found exactly once. Until the
@@ -29,6 +30,7 @@ from gateway.intercept.responses.output import (
     is_injected_call,
     tool_call,
 )
+from gateway.intercept.responses.tools import hide_injection
 from gateway.intercept.responses.usage import summed_usage
 from gateway.intercept.rewriter import ToolCall
 from gateway.sse import Frame, encode
@@ -44,8 +46,10 @@ _LIFECYCLE = frozenset({"response.created", "response.in_progress", "response.qu
 class InjectedTurns:
     """The turns of one client-visible response, as seen by the stream rewriter."""
 
-    def __init__(self, injected: Callable[[str], bool]) -> None:
+    def __init__(self, injected: Callable[[str], bool], parallel_tool_calls: bool = True) -> None:
+        """``parallel_tool_calls``: what the client's own request means (``client_parallel``)."""
         self._injected = injected
+        self._parallel = parallel_tool_calls
         self.turn = 0
         # Nothing hidden nor renumbered yet: events pass as the provider sent them.
         self.identity = True
@@ -68,9 +72,13 @@ class InjectedTurns:
     # -- events -------------------------------------------------------------------------------
 
     def lifecycle(self, frame: Frame, event: dict[str, Any]) -> bytes:
-        """``response.created`` / ``.in_progress`` / ``.queued``: the first turn's only."""
+        """``response.created`` / ``.in_progress`` / ``.queued``: the first turn's only, with
+        the client's own tools and ``parallel_tool_calls`` in its response object."""
         if self.turn > 0:
             return b""
+        response = event.get("response")
+        if isinstance(response, dict) and hide_injection(response, self._injected, self._parallel):
+            return self._encoded(frame, event)
         return self.renumber(frame, event)
 
     def item_added(self, frame: Frame, event: dict[str, Any], item: Any, index: int) -> bytes:
@@ -109,17 +117,15 @@ class InjectedTurns:
             self._earlier_items += visible
             self._earlier_usage.append(response.get("usage"))
             return b""
-        if self.identity:
+        hidden = hide_injection(response, self._injected, self._parallel)
+        if self.identity and not hidden:
             return frame.raw
-        if isinstance(output, list):
+        if isinstance(output, list) and not self.identity:
             response["output"] = [*self._earlier_items, *visible]
         usage = response.get("usage")
         if isinstance(usage, dict) and self._earlier_usage:
             response["usage"] = summed_usage(usage, self._earlier_usage)
-        seq = event.get("sequence_number")
-        if type(seq) is int:
-            event["sequence_number"] = self._take_seq()
-        return encode(frame.event, orjson.dumps(event))
+        return self._encoded(frame, event)
 
     def renumber(self, frame: Frame, event: dict[str, Any]) -> bytes:
         """Any other visible event: hidden if it belongs to an injected call, else renumbered."""
@@ -160,6 +166,12 @@ class InjectedTurns:
     def peek_seq(self) -> int:
         """The sequence number the next visible event will carry."""
         return self._next_seq
+
+    def _encoded(self, frame: Frame, event: dict[str, Any]) -> bytes:
+        """``event`` re-encoded, its sequence number renumbered once ``identity`` is over."""
+        if not self.identity and type(event.get("sequence_number")) is int:
+            event["sequence_number"] = self._take_seq()
+        return encode(frame.event, orjson.dumps(event))
 
     def _collected(self) -> list[Any]:
         return [self._items[i] for i in sorted(self._items)]
