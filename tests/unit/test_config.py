@@ -402,3 +402,21 @@ def test_repr_hides_secrets(tmp_path: Path) -> None:
         assert PROVIDER_SECRET not in text
         assert CLIENT_SECRET not in text
     assert "u-1" in repr(settings)
+
+
+def test_the_readme_example_file_is_a_valid_configuration(tmp_path: Path) -> None:
+    readme = (Path(__file__).parents[2] / "README.md").read_text()
+    example = readme.split("Example file:\n\n```yaml\n", 1)[1].split("```", 1)[0]
+    path = tmp_path / "aibridged.yaml"
+    # The one placeholder a reader fills in.
+    path.write_text(example.replace("<sha256 hex of bob's key>", hashlib.sha256(b"b").hexdigest()))
+    settings = load_settings(path)
+    snap = Snapshot.from_settings(settings, environ={})
+    assert {name: p.type for name, p in snap.providers.items()} == {
+        "anthropic": "anthropic",
+        "openai": "openai",
+        "openrouter": "openai",
+    }
+    assert snap.providers["openrouter"].url("/chat/completions") == (
+        "https://openrouter.ai/api/v1/chat/completions"
+    )
