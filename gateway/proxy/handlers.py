@@ -367,14 +367,23 @@ async def intercept(
                 )
                 resumed += perf_counter() - listing
             runner: LoopRunner | None = None
-            if tools is None:
-                body, injected = parsed.body, None
-            else:
-                body, injected = orjson.dumps(parsed.parsed), tools.is_injected
-                driver = AgenticLoop(
-                    parsed.parsed, services.max_tool_iterations, dialect.tools.continuation
-                )
-                runner = LoopRunner(driver, tools, icpt)
+            body, injected = parsed.body, None
+            if tools is not None:
+                try:
+                    body = orjson.dumps(parsed.parsed)
+                except orjson.JSONEncodeError:
+                    # Nested deeper than orjson writes (254 levels; it reads 1024): the body
+                    # goes as the client sent it, without the tools.
+                    log.warning(
+                        "tools not injected: the request nests too deeply to re-encode",
+                        extra={"interception_id": interception_id},
+                    )
+                else:
+                    injected = tools.is_injected
+                    driver = AgenticLoop(
+                        parsed.parsed, services.max_tool_iterations, dialect.tools.continuation
+                    )
+                    runner = LoopRunner(driver, tools, icpt)
             response: web.StreamResponse
             sink.busy += perf_counter() - resumed
             try:

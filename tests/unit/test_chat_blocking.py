@@ -119,3 +119,38 @@ def test_a_final_turn_with_only_injected_calls_drops_the_key() -> None:
     message = orjson.loads(result.body)["choices"][0]["message"]
     assert "tool_calls" not in message
     assert message["content"] == "Let me add."
+
+
+def test_a_usage_object_nested_a_thousand_levels_is_still_answered() -> None:
+    # Usage is two levels deep: deeper nesting is no counter, and must not exhaust the stack.
+    deep = b'{"a":' * 1000 + b"1" + b"}" * 1000
+    completion = orjson.loads(body("text"))
+    completion["usage"]["x"] = "__deep__"
+    raw = orjson.dumps(completion).replace(b'"__deep__"', deep)
+    for turns in (ChatBlocking(IID, "p"), ChatBlocking(IID, "p", injected)):
+        result = turns.feed(raw)
+        assert result.error == ""
+        assert result.body.startswith(b"{") and deep in result.body
+        [token] = [r for r in result.records if isinstance(r, TokenUsage)]
+        assert (token.input, token.cache_read, token.output, token.reasoning) == expected_tokens(
+            completion
+        )
+
+
+def test_a_call_nested_too_deep_to_print_or_encode_is_still_answered() -> None:
+    # A provider's id or name a thousand levels deep: str() of it would exhaust the stack, and
+    # the re-encoded body of a loop's last turn exceeds orjson's 254 levels. The body is then
+    # relayed as it came, never a 500.
+    deep = b"[" * 1000 + b"]" * 1000
+    completion = orjson.loads(body("injected_mixed"))
+    call = completion["choices"][0]["message"]["tool_calls"][0]
+    call["id"] = call["function"]["name"] = "__deep__"
+    raw = orjson.dumps(completion).replace(b'"__deep__"', deep)
+    turns = ChatBlocking(IID, None, injected)
+    first = turns.feed(body("injected_loop"))
+    assert first.turn.tool_calls
+    result = turns.feed(raw)
+    assert result.error == ""
+    assert result.body == raw
+    calls = [(r.tool, r.tool_call_id) for r in result.records if isinstance(r, ToolUsage)]
+    assert calls[0] == ("", "")

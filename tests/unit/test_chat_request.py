@@ -99,6 +99,20 @@ def test_stream_options_without_include_usage_are_patched_keeping_key_order(
     assert sent == req.parsed
 
 
+@pytest.mark.parametrize("options", [b"null", b"{}"])
+def test_a_stream_too_deep_to_patch_is_refused_with_a_400(options: bytes) -> None:
+    # Forwarded unpatched, it would have the provider report no usage; re-encoding a body
+    # nested over 254 levels fails (orjson's limit): refused, not a 500.
+    deep = b"[" * 300 + b"]" * 300
+    body = b'{"model":"m","stream":true,"stream_options":' + options + b',"x":' + deep + b"}"
+    with pytest.raises(RequestError) as caught:
+        parse_request(body)
+    assert (caught.value.status, caught.value.message) == (
+        400,
+        "request body nests too deeply (over 254 levels)",
+    )
+
+
 def test_a_client_asking_for_usage_is_forwarded_as_sent() -> None:
     body = b'{"model":"m","stream":true,"stream_options":{"include_usage":true},"messages":[]}'
     req = parse_request(body)

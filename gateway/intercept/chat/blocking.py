@@ -122,7 +122,7 @@ class ChatBlocking:
                 if custom:
                     function = call["custom"]
                 function = function if isinstance(function, dict) else {}
-                slot = CallSlot(index, str(call.get("id") or ""), str(function.get("name") or ""))
+                slot = CallSlot(index, _scalar(call.get("id")), _scalar(function.get("name")))
                 slot.custom = custom
                 arguments = function.get("input" if custom else "arguments")
                 if isinstance(arguments, str) and arguments:
@@ -152,7 +152,10 @@ class ChatBlocking:
         usage = completion.get("usage")
         if self.turns > 1 and isinstance(usage, dict):
             apply_totals(usage, self._totals)
-        return orjson.dumps(completion)
+        try:
+            return orjson.dumps(completion)
+        except TypeError:  # nested deeper than orjson writes (255 levels): relayed as it came
+            return body
 
     def _remove_injected(self, completion: dict[str, Any]) -> None:
         assert self._injected is not None
@@ -170,4 +173,10 @@ class ChatBlocking:
     def _is_injected(self, call: Any) -> bool:
         function = call.get("function") if isinstance(call, dict) else None
         name = function.get("name") if isinstance(function, dict) else None
-        return self._injected is not None and self._injected(str(name or ""))
+        return self._injected is not None and self._injected(_scalar(name))
+
+
+def _scalar(value: Any) -> str:
+    """A call's id or name as text; a nested value is none (``str`` of one a thousand levels
+    deep would exhaust the stack)."""
+    return str(value) if value and isinstance(value, str | int | float) else ""

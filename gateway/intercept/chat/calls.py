@@ -80,14 +80,17 @@ class TurnCalls:
         self, injected: Callable[[str], bool] | None, next_client: dict[int, int] | None = None
     ) -> None:
         self._injected = injected
-        self._by_index: dict[tuple[int, Any], CallSlot] = {}
+        self._by_index: dict[tuple[int, int | None], CallSlot] = {}
         # Next client index per choice, shared by the turns of one client stream.
         self._next_client = next_client if next_client is not None else {}
         self.slots: list[CallSlot] = []
 
     def delta(self, choice: int, fragment: dict[str, Any]) -> CallSlot:
         """Take one ``tool_calls[]`` fragment of ``choice``; return the call it belongs to."""
-        key = (choice, fragment.get("index"))
+        index = fragment.get("index")
+        # Only an int is a call's index: any other value (a list, an object) would not even
+        # hash, and one such fragment must not cut the client's stream.
+        key = (choice, index if type(index) is int else None)
         slot = self._by_index.get(key)
         call_id = fragment.get("id")
         if not isinstance(call_id, str):

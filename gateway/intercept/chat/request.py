@@ -82,13 +82,22 @@ def force_include_usage(body: bytes, parsed: dict[str, Any]) -> tuple[bytes, boo
         return body[:end] + _INCLUDE_USAGE + body[end:], False
     if options is None:
         parsed["stream_options"] = {"include_usage": True}
-        return orjson.dumps(parsed), False
+        return _encode(parsed), False
     if not isinstance(options, dict):
         return body, False
     if options.get("include_usage") is True:
         return body, True
     options["include_usage"] = True
-    return orjson.dumps(parsed), False
+    return _encode(parsed), False
+
+
+def _encode(parsed: dict[str, Any]) -> bytes:
+    """``parsed`` re-encoded; RequestError if it nests deeper than orjson writes (255 levels):
+    forwarded unpatched, it would have the provider report no usage."""
+    try:
+        return orjson.dumps(parsed)
+    except TypeError:
+        raise RequestError(400, "request body nests too deeply (over 254 levels)") from None
 
 
 _ABSENT: Any = object()

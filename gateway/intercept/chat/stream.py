@@ -9,7 +9,10 @@ hold no ``"tool_calls"``, no ``"error"`` and no usage but ``"usage":null`` is re
 parsed: the first, tool-call fragments (to record the calls), the usage chunk (to record it, and
 to hide it from a client that did not ask for it: the gateway always does), errors and
 ``[DONE]`` (which do not open with the id). Each search is a necessary condition: JSON escapes
-the quotes of a string, so text content cannot fake a key; a false alarm only costs a parse.
+the quotes of a string, so text content cannot fake a key; a false alarm only costs a parse
+(``gateway.intercept.chat.chunks``). A provider whose id is not the first key (Azure sorts its
+keys) has its ``"id":"..."`` bytes replaced where they are, when each chunk holds them once; one
+that spaces its JSON has its null usage keys found however spelt.
 
 With injected tools one client-visible stream may span several upstream turns, and every chunk
 is parsed: injected calls are hidden, visible calls keep coherent ``index`` values, and between
@@ -19,35 +22,28 @@ last turn's usage chunk carries the totals over the turns. A key is never added 
 
 from __future__ import annotations
 
-import re
 from collections.abc import Callable
-from dataclasses import dataclass
 from typing import Any
 
 import orjson
 
 from gateway.intercept.chat.calls import TurnCalls, not_run_reason
+from gateway.intercept.chat.chunks import (
+    ANY_MARKERS,
+    CHOICES,
+    MARKERS,
+    NULL_USAGE,
+    StreamError,
+    empty_choice,
+    hide_any_null_usage,
+    id_bytes,
+    reported_error,
+)
 from gateway.intercept.chat.tools import assistant_message
 from gateway.intercept.chat.usage import ChatUsage, add_usage, apply_totals
 from gateway.intercept.rewriter import TurnResult
-from gateway.records import EndStatus, PromptUsage, Record
+from gateway.records import PromptUsage, Record
 from gateway.sse import Frame, SSEFramer
-
-# What may precede the id's value at the start of a chunk for the bytes fast path.
-_ID_HEAD = re.compile(rb"data: ?\{\s*\"id\"\s*:\s*")
-
-
-@dataclass(slots=True)
-class StreamError:
-    """An error the upstream reported inside the stream (relayed to the client as it came)."""
-
-    type: str
-    message: str
-
-    @property
-    def end_status(self) -> EndStatus:
-        """Always "failed": this dialect's streams report no other early end."""
-        return "failed"
 
 
 class ChatStream:
@@ -67,6 +63,10 @@ class ChatStream:
         self._prompt_recorded = prompt is None
         self._injected = injected
         self._client_usage = client_usage
+        # The provider spells its null usage otherwise than NULL_USAGE (learnt from a parsed
+        # chunk): the fast path lets any spelling through (ANY_MARKERS), removed by a regex.
+        self._spelt_otherwise = False
+        self._markers = MARKERS
         self._records: list[Record] = []
         self.error: StreamError | None = None
         # True once the client-visible ``data: [DONE]`` has been produced.
@@ -85,6 +85,8 @@ class ChatStream:
         # The bytes opening each chunk of the turn, and their rewrite (fast path), if known.
         self._old: bytes | None = None
         self._new = b""
+        # Whether ``_old`` is the id's key and value inside a chunk, not the chunk's opening.
+        self._loose = False
         # The bytes opening a plain chunk of the turn up to its choices (see _learn_head).
         self._head: bytes | None = None
         self._usage = ChatUsage()
@@ -117,20 +119,23 @@ class ChatStream:
                 head = self._head
                 if head is not None and region.startswith(head):
                     # The bytes before were searched in an earlier chunk.
-                    if _MARKERS.search(region, len(head)) is None:
+                    if self._markers.search(region, len(head)) is None:
                         out = self._new + region[len(old) :]
-                        return out if self._client_usage else out.replace(_NULL_USAGE, b"")
+                        if self._client_usage:
+                            return out
+                        out = out.replace(NULL_USAGE, b"")
+                        return hide_any_null_usage(out) if self._spelt_otherwise else out
                     return self._data(region, region[6:-2])
                 if region.startswith(old) or region.find(old) < 0:
                     return self._frame(region, None)
             else:
                 return self._data(region, region[6:-2])
-        if old is not None and _MARKERS.search(region) is None:
+        if old is not None and self._markers.search(region) is None:
             n = region.count(old)
             # Each chunk opens with the known bytes (content cannot hold a raw newline).
             if n == region.count(b"\ndata:") + region.startswith(b"data:"):
                 out = region.replace(old, self._new) if n else region
-                return out if self._client_usage else out.replace(_NULL_USAGE, b"")
+                return out if self._client_usage else self._hide_null_usage(out)
         # Frame by frame, cut as SSEFramer would (the region has no carriage return).
         pieces = []
         pos = 0
@@ -140,13 +145,20 @@ class ChatStream:
             pos = end
         return b"".join(pieces)
 
+    def _hide_null_usage(self, out: bytes) -> bytes:
+        """``out`` without its null usage keys, for a client that did not ask for usage."""
+        out = out.replace(NULL_USAGE, b"")
+        return hide_any_null_usage(out) if self._spelt_otherwise else out
+
     def _learn_head(self, raw: bytes, old: bytes) -> None:
         """Keep the bytes of a plain chunk up to its ``choices``: the provider repeats them in
         the next chunks (object, created, model...), whose search may then start after them.
-        No marker can straddle the end of the head: it ends in '":['."""
+        No marker can straddle the end of the head: it ends in '['."""
         i = raw.find(b'"choices":[', len(old))
         if i > 0:
             self._head = raw[: i + 11]
+        elif (spaced := CHOICES.search(raw, len(old))) is not None:
+            self._head = raw[: spaced.end()]
 
     def feed_all(self, frames: list[Frame]) -> bytes:
         """Process frames in order and return the client bytes for all of them, joined."""
@@ -165,11 +177,19 @@ class ChatStream:
             head = self._head
             start = len(head) if head is not None and raw.startswith(head) else 0
             # From ``start``: the bytes before were searched in an earlier chunk.
-            if _MARKERS.search(raw, start) is None:
+            if self._markers.search(raw, start) is None:
                 if head is None:
                     self._learn_head(raw, old)
                 out = self._new + raw[len(old) :]
-                return out if self._client_usage else out.replace(_NULL_USAGE, b"")
+                return out if self._client_usage else self._hide_null_usage(out)
+        elif (
+            self._loose
+            and old is not None
+            and raw.count(old) == 1
+            and self._markers.search(raw) is None
+        ):
+            out = raw.replace(old, self._new)
+            return out if self._client_usage else self._hide_null_usage(out)
         if frame is not None:
             data = frame.data
         elif raw.find(b"\n") == len(raw) - 2 and raw.startswith(b"data: "):
@@ -227,16 +247,17 @@ class ChatStream:
     # -- chunks -----------------------------------------------------------------------------
 
     def _chunk(self, raw: bytes, obj: dict[str, Any]) -> bytes:
-        if "error" in obj and "choices" not in obj:
-            err = obj["error"]
-            if isinstance(err, dict):
-                kind = str(err.get("type") or err.get("code") or "error")
-                self.error = StreamError(kind, str(err.get("message") or ""))
-            else:
-                self.error = StreamError("error", str(err)[:200])
-            return raw
+        # The SDKs' rule: a chunk whose ``error`` is truthy fails the stream, even one that
+        # carries choices too (OpenRouter ends so, on finish_reason "error"); a null one is
+        # nothing.
+        failed = obj.get("error")
+        if failed:
+            self.error = reported_error(failed)
+            if "choices" not in obj:
+                return raw
         chunk_id = obj.get("id")
-        if self._msg_id is None:
+        if self._msg_id is None and type(chunk_id) is str and chunk_id:
+            # Azure opens with a chunk of id "" (its prompt filter results): not the turn's.
             self._first_chunk(raw, chunk_id)
         changed = False
         choices = obj.get("choices")
@@ -251,7 +272,7 @@ class ChatStream:
                 # Only an agentic loop sums usage over turns.
                 self._turn_usage = {}
                 add_usage(self._turn_usage, usage)
-            if not choices and (self.continues or not self._client_usage):
+            if not choices and not failed and (self.continues or not self._client_usage):
                 return b""  # the usage-only chunk of a hidden turn end, or one nobody asked for
             if self.turn and not self.continues:
                 totals: dict[str, Any] = {}
@@ -259,16 +280,24 @@ class ChatStream:
                 add_usage(totals, usage)
                 apply_totals(usage, totals)
                 changed = True
-        elif had_choices and not choices:
+        elif had_choices and not choices and not failed:
             return b""  # nothing of it is left for the client
-        elif usage is None and not self._client_usage and "usage" in obj:
-            # There because the gateway asked for usage: a client that did not never sees it.
-            if not changed:
-                return self._swap_id(raw, chunk_id, obj).replace(_NULL_USAGE, b"")
-            del obj["usage"]
+        elif usage is None and "usage" in obj:
+            if not self._spelt_otherwise and NULL_USAGE not in raw:
+                self._spelt_otherwise = True
+                self._markers = ANY_MARKERS
+            if not self._client_usage:
+                # There because the gateway asked for usage: a client that did not never sees it.
+                if not changed:
+                    shown = self._swap_id(raw, chunk_id, obj)
+                    hidden = self._hide_null_usage(shown)
+                    if len(hidden) < len(shown):
+                        return hidden
+                del obj["usage"]
+                return self._encode(raw, obj)
         if not changed:
             return self._swap_id(raw, chunk_id, obj)
-        return self._encode(obj)
+        return self._encode(raw, obj)
 
     def _read_choices(self, choices: list[Any]) -> bool:
         """Track the choices' deltas; edit them in place for the client; whether any changed."""
@@ -306,7 +335,7 @@ class ChatStream:
                     edited = True
             if edited:
                 changed = True
-                if _empty(choice):
+                if empty_choice(choice):
                     continue
             kept.append(choice)
         if len(kept) != len(choices):
@@ -341,6 +370,7 @@ class ChatStream:
         calls = self._calls
         return (
             finish == "tool_calls"
+            and self.error is None
             and bool(calls.injected)
             and not calls.client
             and len(self._choices) == 1
@@ -356,16 +386,14 @@ class ChatStream:
 
     # -- helpers ----------------------------------------------------------------------------
 
-    def _first_chunk(self, raw: bytes, chunk_id: Any) -> None:
-        self._msg_id = msg_id = chunk_id if isinstance(chunk_id, str) else ""
+    def _first_chunk(self, raw: bytes, msg_id: str) -> None:
+        """Take the turn's id from its first chunk that has one; learn the fast path's bytes."""
+        self._msg_id = msg_id
         self._record_prompt(msg_id)
-        if self._injected is not None or not msg_id:
-            return
-        quoted = orjson.dumps(msg_id)
-        i = raw.find(quoted)
-        if i >= 0 and _ID_HEAD.fullmatch(raw, 0, i):
-            self._old = raw[: i + len(quoted)]
-            self._new = raw[:i] + self._quoted_iid
+        if self._injected is None:
+            learnt = id_bytes(raw, msg_id, self._quoted_iid)
+            if learnt is not None:
+                self._old, self._new, self._loose = learnt
 
     def _swap_id(self, raw: bytes, chunk_id: Any, obj: dict[str, Any]) -> bytes:
         """``raw`` with its id's bytes replaced, every other byte kept."""
@@ -376,14 +404,18 @@ class ChatStream:
         end = i + len(quoted)
         if i < 0 or raw.find(quoted, end) >= 0:
             # Spelt otherwise in the bytes (escapes), or ambiguous: re-encode.
-            return self._encode(obj)
+            return self._encode(raw, obj)
         return b"".join((raw[:i], self._quoted_iid, raw[end:]))
 
-    def _encode(self, obj: dict[str, Any]) -> bytes:
-        """An edited chunk, its id (if it has one) the interception's."""
+    def _encode(self, raw: bytes, obj: dict[str, Any]) -> bytes:
+        """An edited chunk, its id (if it has one) the interception's; ``raw`` as it came if
+        it nests too deep to encode, rather than the stream cut."""
         if "id" in obj:
             obj["id"] = self.interception_id
-        return b"data: " + orjson.dumps(obj) + b"\n\n"
+        try:
+            return b"data: " + orjson.dumps(obj) + b"\n\n"
+        except TypeError:  # nested deeper than orjson writes (255 levels)
+            return raw
 
     def _end_turn(self) -> None:
         """Record the turn's client tool calls and usage, once."""
@@ -391,6 +423,8 @@ class ChatStream:
             return
         self._ended = True
         msg_id = self._msg_id or ""
+        # A turn whose chunks had no id: its prompt is still recorded before its usage.
+        self._record_prompt(msg_id)
         iid = self.interception_id
         if self._calls.slots:
             self._records.extend(slot.usage(iid, msg_id) for slot in self._calls.client)
@@ -403,23 +437,3 @@ class ChatStream:
         if not self._prompt_recorded and self._prompt is not None:
             self._records.append(PromptUsage(self.interception_id, msg_id, self._prompt))
             self._prompt_recorded = True
-
-
-# What the provider adds to every chunk once usage is asked for, in its compact spelling (a
-# quote inside a JSON string is escaped: these bytes are always the key). Removed for a client
-# that did not ask for usage, who would not have had it from the provider.
-_NULL_USAGE = b',"usage":null'
-
-
-# What a plain chunk holds none of: a tool call, an error, a usage object. One search, in C.
-_MARKERS = re.compile(rb'"(?:tool_calls"|error"|usage"(?!:null))')
-
-_NOTHING: tuple[Any, ...] = (None, "", [])
-
-
-def _empty(choice: dict[str, Any]) -> bool:
-    """Whether an edited choice has nothing left to tell the client."""
-    delta = choice.get("delta")
-    if isinstance(delta, dict) and any(v not in _NOTHING for v in delta.values()):
-        return False
-    return choice.get("finish_reason") is None and choice.get("logprobs") is None

@@ -86,19 +86,23 @@ class ChatUsage:
         )
 
 
-def add_usage(totals: dict[str, Any], usage: Any) -> None:
-    """Add every integer of the usage object ``usage`` into ``totals``, nested objects too."""
+def add_usage(totals: dict[str, Any], usage: Any, depth: int = 2) -> None:
+    """Add every integer of the usage object ``usage`` into ``totals``, nested objects too.
+
+    A usage object is two levels deep (``prompt_tokens_details.cached_tokens``): what nests
+    deeper is no counter, and a provider nesting a thousand levels must not exhaust the stack.
+    """
     if not isinstance(usage, dict):
         return
     for key, value in usage.items():
         if type(value) is int:
             current = totals.get(key)
             totals[key] = (current if type(current) is int else 0) + value
-        elif isinstance(value, dict):
+        elif depth > 1 and isinstance(value, dict):
             inner = totals.get(key)
             if not isinstance(inner, dict):
                 inner = totals[key] = {}
-            add_usage(inner, value)
+            add_usage(inner, value, depth - 1)
 
 
 def apply_totals(usage: dict[str, Any], totals: dict[str, Any]) -> None:

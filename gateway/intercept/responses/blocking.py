@@ -4,7 +4,8 @@ Without injected tools the client gets the provider's body as it came (response 
 rewritten). With them, a response that completed having called only injected tools is a turn
 the gateway continues itself; the client gets the last response with the injected calls
 removed, the visible output of the earlier turns before its own, the usage summed, and the
-client's own ``tools`` and ``parallel_tool_calls`` in place of the injected request's echo.
+client's own ``tools`` and ``parallel_tool_calls`` in place of the injected request's echo. With
+``store: false`` nothing chains from its id: it keeps the first turn's, as the stream does.
 """
 
 from __future__ import annotations
@@ -62,13 +63,17 @@ class BlockingTurns:
         prompt: str | None,
         injected: Callable[[str], bool] | None = None,
         client_parallel_tool_calls: Any = None,
+        store: bool = True,
     ) -> None:
         """``client_parallel_tool_calls``: the client's own value (None: unset), shown to it in
-        the answer when tools were injected."""
+        the answer when tools were injected; ``store``: False for ``store: false``."""
         self.interception_id = interception_id
         self._prompt = prompt
         self._injected = injected
         self._client_parallel = client_parallel_tool_calls
+        self._store = store
+        # The first turn's response id ("" until known).
+        self._first_id = ""
         self.turns = 0
         # The visible output items and usage objects of the turns the gateway continued.
         self._earlier_items: list[Any] = []
@@ -88,8 +93,10 @@ class BlockingTurns:
                 records.append(PromptUsage(self.interception_id, "", self._prompt))
             return BlockingResult(body, records, "upstream returned a body that is not a response")
         rid: str = response["id"]
-        if first and self._prompt is not None:
-            records.append(PromptUsage(self.interception_id, rid, self._prompt))
+        if first:
+            self._first_id = rid
+            if self._prompt is not None:
+                records.append(PromptUsage(self.interception_id, rid, self._prompt))
         records.append(usage_record(self.interception_id, rid, response.get("usage")))
         output = response.get("output")
         items: list[Any] = output if isinstance(output, list) else []
@@ -120,6 +127,9 @@ class BlockingTurns:
             usage = response.get("usage")
             if isinstance(usage, dict) and self._earlier_usage:
                 response["usage"] = summed_usage(usage, self._earlier_usage)
+            changed = True
+        if not self._store and not first and self._first_id and rid != self._first_id:
+            response["id"] = self._first_id
             changed = True
         if changed:
             body = orjson.dumps(response)

@@ -35,7 +35,11 @@ def _stream(
     interception_id: str, request: ResponsesRequest, injected: Injected | None
 ) -> ResponsesStream:
     return ResponsesStream(
-        interception_id, request.prompt, injected, request.client_parallel_tool_calls
+        interception_id,
+        request.prompt,
+        injected,
+        request.client_parallel_tool_calls,
+        request.store,
     )
 
 
@@ -43,7 +47,11 @@ def _blocking(
     interception_id: str, request: ResponsesRequest, injected: Injected | None
 ) -> BlockingTurns:
     return BlockingTurns(
-        interception_id, request.prompt, injected, request.client_parallel_tool_calls
+        interception_id,
+        request.prompt,
+        injected,
+        request.client_parallel_tool_calls,
+        request.store,
     )
 
 

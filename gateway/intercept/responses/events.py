@@ -13,6 +13,7 @@ from typing import Any
 import orjson
 
 from gateway.intercept.openai.provider import openai_error
+from gateway.intercept.responses.output import text_of
 from gateway.sse import encode
 
 KEEPALIVE = b": ping\n\n"
@@ -48,7 +49,7 @@ def relayed_error_event(body: bytes, sequence_number: int = 0) -> bytes:
 def _event(code: Any, message: str, param: str | None, sequence_number: int) -> bytes:
     payload = {
         "type": "error",
-        "code": code if isinstance(code, str) else str(code),
+        "code": text_of(code) or "upstream_error",
         "message": message,
         "param": param,
         "sequence_number": sequence_number,

@@ -28,8 +28,16 @@ CLIENT_CALLS = frozenset(
         "mcp_approval_request",
     }
 )
-# Client calls recorded as tool usage (their arguments have a known place).
-_RECORDED_CALLS = frozenset({"function_call", "custom_tool_call"})
+# Client calls recorded as tool usage -> the field holding their arguments (a computer call
+# batching its actions has ``actions`` in place of ``action``).
+_ARGUMENTS = {
+    "function_call": ("arguments",),
+    "custom_tool_call": ("input",),
+    "local_shell_call": ("action",),
+    "shell_call": ("action",),
+    "apply_patch_call": ("operation",),
+    "computer_call": ("action", "actions"),
+}
 
 
 @dataclass(slots=True)
@@ -52,14 +60,32 @@ class ResponsesTurn:
     items: Sequence[dict[str, Any]]
 
 
+def text_of(value: Any) -> str:
+    """A provider's string field as text: a number as its digits, any other value empty (the
+    ``str`` of a deeply nested one exceeds the recursion limit)."""
+    if isinstance(value, str):
+        return value
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return str(value)
+    return ""
+
+
 def is_injected_call(item: Any, injected: Callable[[str], bool] | None) -> bool:
     """Whether ``item`` is a ``function_call`` of an injected tool (custom tools never are)."""
     return (
         injected is not None
         and isinstance(item, dict)
         and item.get("type") == "function_call"
-        and injected(str(item.get("name") or ""))
+        and injected(text_of(item.get("name")))
     )
+
+
+def is_client_call(item: Any) -> bool:
+    """Whether ``item`` is a call the client must answer (a non-string ``type`` is none)."""
+    if not isinstance(item, dict):
+        return False
+    kind = item.get("type")
+    return isinstance(kind, str) and kind in CLIENT_CALLS
 
 
 def tool_call(item: dict[str, Any], response_id: str) -> ToolCall:
@@ -72,11 +98,11 @@ def tool_call(item: dict[str, Any], response_id: str) -> ToolCall:
         except orjson.JSONDecodeError:
             args = None
     return ToolCall(
-        str(item.get("call_id") or ""),
-        str(item.get("name") or ""),
+        text_of(item.get("call_id")),
+        text_of(item.get("name")),
         args if isinstance(args, dict) else {},
         response_id,
-        str(item.get("id") or ""),
+        text_of(item.get("id")),
     )
 
 
@@ -94,6 +120,9 @@ def item_records(
     if not isinstance(item, dict):
         return False
     kind = item.get("type")
+    # A provider's ``type`` may be any JSON value: an object or array is unhashable.
+    if not isinstance(kind, str):
+        return False
     if kind == "reasoning":
         _summaries(interception_id, response_id, item, records)
         return False
@@ -105,15 +134,19 @@ def item_records(
         return False
     if is_injected_call(item, injected):
         return False
-    if kind in _RECORDED_CALLS:
+    fields = _ARGUMENTS.get(kind)
+    if fields is not None:
+        name = item.get("name")
+        raw = next((item[f] for f in fields if item.get(f) is not None), None)
         records.append(
             ToolUsage(
                 interception_id=interception_id,
                 msg_id=response_id,
-                tool=str(item.get("name") or ""),
-                tool_call_id=str(item.get("call_id") or ""),
-                args=_args(item.get("arguments" if kind == "function_call" else "input")),
-                item_id=str(item.get("id") or ""),
+                # Built-in client tools (shell, apply_patch, computer) have no name: their type.
+                tool=name if isinstance(name, str) and name else kind,
+                tool_call_id=text_of(item.get("call_id")),
+                args=_args(raw),
+                item_id=text_of(item.get("id")),
             )
         )
     return True
@@ -165,7 +198,10 @@ def _args(raw: Any) -> str:
             else:
                 return raw
         return orjson.dumps(raw).decode()
-    return orjson.dumps(raw if raw is not None else {}).decode()
+    try:
+        return orjson.dumps(raw if raw is not None else {}).decode()
+    except orjson.JSONEncodeError:  # nested deeper than orjson writes
+        return "{}"
 
 
 def _summaries(iid: str, response_id: str, item: dict[str, Any], records: list[Record]) -> None:

@@ -32,6 +32,9 @@ class ResponsesRequest:
     # ``parallel_tool_calls`` as the client sent it (None: unset), read before injection turns it
     # off: the rewriters show the client its own value in the responses that echo it.
     client_parallel_tool_calls: Any = None
+    # False when the client sent ``store: false``: no response id can be chained from, so the
+    # rewriters show the first turn's id throughout (the SDK's stream helper requires one id).
+    store: bool = True
 
 
 def parse_request(body: bytes) -> ResponsesRequest:
@@ -67,6 +70,7 @@ def parse_request(body: bytes) -> ResponsesRequest:
         last_user_prompt(items),
         correlating_tool_call_id(items),
         parsed.get("parallel_tool_calls"),
+        parsed.get("store") is not False,
     )
 
 
@@ -102,7 +106,11 @@ def correlating_tool_call_id(items: Any) -> str | None:
     if not isinstance(items, list) or not items:
         return None
     last = items[-1]
-    if not isinstance(last, dict) or last.get("type") not in _TOOL_OUTPUTS:
+    if not isinstance(last, dict):
+        return None
+    kind = last.get("type")
+    # Any JSON value may come: an object or array is unhashable.
+    if not isinstance(kind, str) or kind not in _TOOL_OUTPUTS:
         return None
     call_id = last.get("call_id")
     return call_id if isinstance(call_id, str) and call_id else None

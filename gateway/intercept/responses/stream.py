@@ -4,10 +4,13 @@ Without injected tools the client gets the provider's bytes as they came: respon
 never rewritten (clients chain them through ``previous_response_id``). Only the frames that
 carry records are parsed (``response.created``, ``response.output_item.done``, the terminal
 ``response.completed`` / ``.failed`` / ``.incomplete``, ``error``); deltas, the bulk of a
-stream, pass a region scan unread. With injected tools one client-visible response may span
-several upstream responses: :mod:`gateway.intercept.responses.turns` does that surgery, and
-every response object shown to the client echoes its own ``tools`` and ``parallel_tool_calls``,
-not the injected request's (``response.in_progress`` is then read too).
+stream, pass a region scan unread. A frame without an ``event:`` line (OpenAI-compatible
+upstreams send only ``data:``) is read by its JSON ``type``, as the SDKs do: the slow path.
+With injected tools one client-visible response may span several upstream responses:
+:mod:`gateway.intercept.responses.turns` does that surgery, and every response object shown to
+the client echoes its own ``tools`` and ``parallel_tool_calls``, not the injected request's
+(``response.in_progress`` is then read too); what the upstream sends after a hidden turn's end
+(a ``data: [DONE]``) is dropped.
 """
 
 from __future__ import annotations
@@ -81,9 +84,11 @@ class ResponsesStream:
         prompt: str | None,
         injected: Callable[[str], bool] | None = None,
         client_parallel_tool_calls: Any = None,
+        store: bool = True,
     ) -> None:
         """``client_parallel_tool_calls``: the client's own value (None: unset), shown to it in
-        the response objects when tools were injected."""
+        the response objects when tools were injected; ``store``: False when the client asked
+        for ``store: false`` (see ``InjectedTurns``)."""
         self.interception_id = interception_id
         self._prompt = prompt
         self._prompt_recorded = prompt is None
@@ -96,7 +101,7 @@ class ResponsesStream:
         self._scanner = _SCANNER
         if injected:
             parallel = client_parallel(client_parallel_tool_calls)
-            self._turns = InjectedTurns(injected, parallel)
+            self._turns = InjectedTurns(injected, parallel, store)
             self._scanner = _INJECTED_SCANNER
         # The region scan's flag (``ScanTarget``): every frame must be read (renumbering).
         self.scan_all = False
@@ -108,6 +113,9 @@ class ResponsesStream:
         self.stop_relayed = False
         # The current turn's final status ("completed", "failed", "incomplete"), "" until then.
         self.status = ""
+        # The current turn's terminal was hidden (the gateway continues): whatever the upstream
+        # sends after it (a ``[DONE]``) belongs to no client-visible event.
+        self._dropping = False
 
     # -- public API -------------------------------------------------------------------------
 
@@ -167,10 +175,13 @@ class ResponsesStream:
         self.ended = False
         self.status = ""
         self._usage_recorded = False
+        self._dropping = False
 
     # -- handlers ---------------------------------------------------------------------------
 
     def _lifecycle(self, frame: Frame) -> bytes:
+        if self._dropping:
+            return b""
         event = _loads(frame.data)
         response = event.get("response") if event is not None else None
         if isinstance(response, dict):
@@ -186,6 +197,8 @@ class ResponsesStream:
         turns = self._turns
         if turns is None:
             return frame.raw
+        if self._dropping:
+            return b""
         event = _loads(frame.data)
         index = event.get("output_index") if event is not None else None
         if event is None or type(index) is not int:
@@ -195,6 +208,8 @@ class ResponsesStream:
         return out
 
     def _item_done(self, frame: Frame) -> bytes:
+        if self._dropping:
+            return b""
         event = _loads(frame.data)
         if event is None:
             return frame.raw
@@ -209,6 +224,8 @@ class ResponsesStream:
         return turns.item_done(frame, event, item, index)
 
     def _terminal(self, frame: Frame) -> bytes:
+        if self._dropping:
+            return b""
         event = _loads(frame.data)
         response = event.get("response") if event is not None else None
         response = response if isinstance(response, dict) else {}
@@ -234,9 +251,12 @@ class ResponsesStream:
             return frame.raw
         out = turns.terminal(frame, event, response)
         self.stop_relayed = not turns.continues
+        self._dropping = turns.continues
         return out
 
     def _error(self, frame: Frame) -> bytes:
+        if self._dropping:
+            return b""
         event = _loads(frame.data)
         self.error = _reported(event, frame.data)
         if self._turns is None or event is None:
@@ -244,6 +264,14 @@ class ResponsesStream:
         return self._turns.renumber(frame, event)
 
     def _other(self, frame: Frame) -> bytes:
+        if self._dropping:
+            return b""
+        if not frame.event:
+            # No ``event:`` line (OpenAI-compatible upstreams): the SDKs dispatch on the JSON
+            # ``type``, so does the gateway. Only these frames pay for it.
+            named = _named(frame)
+            if named is not None:
+                return _HANDLERS[named.event](self, named)
         if not self.scan_all:
             return frame.raw
         assert self._turns is not None
@@ -256,6 +284,26 @@ class ResponsesStream:
         if not self._prompt_recorded and self._prompt is not None:
             self._records.append(PromptUsage(self.interception_id, response_id, self._prompt))
             self._prompt_recorded = True
+
+
+class _Named(Frame):
+    """A frame without an ``event:`` line, named by its JSON ``type``."""
+
+    __slots__ = ()
+
+    def __init__(self, frame: Frame, name: str) -> None:
+        super().__init__(frame.raw, frame.data)
+        self._event = name
+
+
+def _named(frame: Frame) -> Frame | None:
+    """``frame`` named by its JSON ``type`` when that is an event the rewriter reads."""
+    event = _loads(frame.data)
+    kind = event.get("type") if event is not None else None
+    # A hostile ``type`` may be any JSON value: only a known name (a string) is looked up.
+    if isinstance(kind, str) and kind in _HANDLERS:
+        return _Named(frame, kind)
+    return None
 
 
 def _reported(event: dict[str, Any] | None, data: bytes) -> StreamError:

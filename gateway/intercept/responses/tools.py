@@ -7,7 +7,7 @@ from typing import Any
 
 import orjson
 
-from gateway.intercept.responses.output import ResponsesTurn
+from gateway.intercept.responses.output import ResponsesTurn, text_of
 from gateway.tools.naming import ToolRef
 from gateway.tools.results import anthropic_tool_error, anthropic_tool_result
 from gateway.tools.schema import anthropic_tool
@@ -82,7 +82,7 @@ def _injected_tool(tool: Any, injected: Callable[[str], bool]) -> bool:
     return (
         isinstance(tool, dict)
         and tool.get("type") == "function"
-        and injected(str(tool.get("name") or ""))
+        and injected(text_of(tool.get("name")))
     )
 
 

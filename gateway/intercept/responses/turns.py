@@ -7,7 +7,9 @@ client then sees one coherent stream: a single ``response.created`` and ``respon
 only called injected tools, ``output_index`` renumbered without gaps across turns,
 ``sequence_number`` renumbered strictly increasing, and a final ``response.completed`` carrying
 the last upstream response (its id is what the client chains from) with the visible output of
-every turn and the usage summed over turns. Every response object shown echoes the client's own
+every turn and the usage summed over turns. A request with ``store: false`` leaves nothing to
+chain from: its final event keeps the id ``response.created`` showed, as the SDK's stream
+helper requires of every lifecycle event. Every response object shown echoes the client's own
 ``tools`` and ``parallel_tool_calls``, not the injected request's: those events are re-encoded.
 
 Renumbering edits the integer fields in the event's bytes; an event is re-encoded only when
@@ -25,8 +27,8 @@ from typing import Any
 import orjson
 
 from gateway.intercept.responses.output import (
-    CLIENT_CALLS,
     ResponsesTurn,
+    is_client_call,
     is_injected_call,
     tool_call,
 )
@@ -40,16 +42,21 @@ _FIELDS = {
     key: re.compile(b'("' + key.encode() + rb'"\s*:\s*)-?\d+')
     for key in ("sequence_number", "output_index")
 }
-_LIFECYCLE = frozenset({"response.created", "response.in_progress", "response.queued"})
 
 
 class InjectedTurns:
     """The turns of one client-visible response, as seen by the stream rewriter."""
 
-    def __init__(self, injected: Callable[[str], bool], parallel_tool_calls: bool = True) -> None:
-        """``parallel_tool_calls``: what the client's own request means (``client_parallel``)."""
+    def __init__(
+        self, injected: Callable[[str], bool], parallel_tool_calls: bool = True, store: bool = True
+    ) -> None:
+        """``parallel_tool_calls``: what the client's own request means (``client_parallel``);
+        ``store``: False when the client sent ``store: false``."""
         self._injected = injected
         self._parallel = parallel_tool_calls
+        self._store = store
+        # The id the first turn showed the client ("" until known).
+        self._first_id = ""
         self.turn = 0
         # Nothing hidden nor renumbered yet: events pass as the provider sent them.
         self.identity = True
@@ -77,6 +84,8 @@ class InjectedTurns:
         if self.turn > 0:
             return b""
         response = event.get("response")
+        if isinstance(response, dict):
+            self._note_first_id(response)
         if isinstance(response, dict) and hide_injection(response, self._injected, self._parallel):
             return self._encoded(frame, event)
         return self.renumber(frame, event)
@@ -90,7 +99,7 @@ class InjectedTurns:
                 seq = event.get("sequence_number")
                 self._next_seq = seq if type(seq) is int else 0
             return b""
-        if isinstance(item, dict) and item.get("type") in CLIENT_CALLS:
+        if is_client_call(item):
             self.client_tool = True
         if self.identity:
             self._index_map[index] = index
@@ -112,12 +121,18 @@ class InjectedTurns:
         items = output if isinstance(output, list) and output else self._collected()
         self._turn_output = [i for i in items if isinstance(i, dict)]
         visible = [i for i in items if not is_injected_call(i, self._injected)]
-        if self._calls and not self.client_tool and event.get("type") == "response.completed":
+        self._note_first_id(response)
+        # The frame's name, as the stream dispatched on it, says how the turn ended.
+        if self._calls and not self.client_tool and frame.event == "response.completed":
             self.continues = True
             self._earlier_items += visible
             self._earlier_usage.append(response.get("usage"))
             return b""
         hidden = hide_injection(response, self._injected, self._parallel)
+        first = self._first_id
+        if not self._store and first and self.turn > 0 and response.get("id") != first:
+            response["id"] = first
+            hidden = True
         if self.identity and not hidden:
             return frame.raw
         if isinstance(output, list) and not self.identity:
@@ -171,7 +186,12 @@ class InjectedTurns:
         """``event`` re-encoded, its sequence number renumbered once ``identity`` is over."""
         if not self.identity and type(event.get("sequence_number")) is int:
             event["sequence_number"] = self._take_seq()
-        return encode(frame.event, orjson.dumps(event))
+        return _encode(frame, event)
+
+    def _note_first_id(self, response: dict[str, Any]) -> None:
+        rid = response.get("id")
+        if not self._first_id and self.turn == 0 and isinstance(rid, str):
+            self._first_id = rid
 
     def _collected(self) -> list[Any]:
         return [self._items[i] for i in sorted(self._items)]
@@ -197,6 +217,15 @@ def _patched(frame: Frame, event: dict[str, Any], changes: dict[str, int]) -> by
         pattern = _FIELDS[key]
         if len(pattern.findall(raw)) != 1:
             event.update(changes)
-            return encode(frame.event, orjson.dumps(event))
+            return _encode(frame, event)
         raw = pattern.sub(rb"\g<1>" + str(value).encode(), raw, count=1)
     return raw
+
+
+def _encode(frame: Frame, event: dict[str, Any]) -> bytes:
+    """``event`` in the layout of ``frame``: named, or ``data:`` only as an upstream without
+    ``event:`` lines sends it (the stream names those frames by their JSON ``type``)."""
+    data = orjson.dumps(event)
+    if not frame.event or frame.raw[:5] == b"data:":
+        return b"data: " + data + b"\n\n"
+    return encode(frame.event, data)
