@@ -20,6 +20,8 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol, TypeVar
 
+import orjson
+
 from gateway.intercept.passthrough_paths import PassthroughRoute
 from gateway.intercept.rewriter import BlockingRewriter, StreamRewriter
 from gateway.tools.naming import ToolRef
@@ -32,6 +34,30 @@ class RequestError(Exception):
         super().__init__(message)
         self.status = status
         self.message = message
+
+
+def json_object(body: bytes) -> dict[str, Any]:
+    """``body`` as a JSON object; :class:`RequestError` (400) saying why it is none."""
+    try:
+        parsed = orjson.loads(body)
+    except orjson.JSONDecodeError as exc:
+        # Only a body that failed to parse can be blank: checked here, not on every request.
+        if not body.strip():
+            raise RequestError(400, "request body is empty: expected a JSON object") from None
+        raise RequestError(400, f"request body is not valid JSON: {exc}") from None
+    if not isinstance(parsed, dict):
+        raise RequestError(400, "request body must be a JSON object")
+    return parsed
+
+
+def required_model(parsed: dict[str, Any]) -> str:
+    """The request's ``model``, a non-empty string; :class:`RequestError` (400) otherwise."""
+    model = parsed.get("model")
+    if model is None:
+        raise RequestError(400, "model: field required")
+    if not isinstance(model, str) or not model:
+        raise RequestError(400, "model: expected a non-empty string")
+    return model
 
 
 class ParsedRequest(Protocol):

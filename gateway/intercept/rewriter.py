@@ -15,7 +15,7 @@ record.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from gateway.records import EndStatus, Record
@@ -75,6 +75,15 @@ class ReportedError(Protocol):
         """How the interception ended for it: "failed", or "incomplete" when the provider cut
         the response short at a limit the client chose (it is no error of anyone's)."""
         ...
+
+
+@dataclass(slots=True)
+class StreamError:
+    """A :class:`ReportedError` as every dialect reports one (relayed to the client as it came)."""
+
+    type: str
+    message: str
+    end_status: EndStatus = "failed"
 
 
 class StreamRewriter(Protocol):
@@ -142,6 +151,32 @@ class BlockingTurn(Protocol):
     def turn(self) -> TurnResult:
         """This response as a turn of the agentic loop."""
         ...
+
+
+@dataclass(frozen=True, slots=True)
+class BlockingResult:
+    """A :class:`BlockingTurn` as every dialect makes one: what to send back to the client and
+    what to record for one blocking response."""
+
+    body: bytes
+    records: list[Record]
+    error: str = ""
+    # Injected calls to run before the conversation goes on, and the turn they came in (the
+    # dialect's conversation item, for the continuation).
+    tool_calls: list[ToolCall] = field(default_factory=list)
+    assistant: Any = None
+    # Injected calls of a final turn: not run, for ``skip_reason``.
+    skipped_calls: list[ToolCall] = field(default_factory=list)
+    skip_reason: str = ""
+    stop_reason: str = ""
+    reported: ReportedError | None = None
+
+    @property
+    def turn(self) -> TurnResult:
+        """This response as a turn of the agentic loop (``gateway.intercept.loop``)."""
+        return TurnResult(
+            self.tool_calls, self.skipped_calls, self.skip_reason, self.assistant, self.stop_reason
+        )
 
 
 class BlockingRewriter(Protocol):

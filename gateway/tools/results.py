@@ -82,13 +82,24 @@ def anthropic_tool_result(
     model knows the tool failed; unsupported content becomes an explanatory text block instead of
     turning a successful call into an error.
     """
-    blocks = [block for item in content if (block := _block(item)) is not None]
     return {
         "type": "tool_result",
         "tool_use_id": tool_use_id,
-        "content": blocks or [_text(NO_CONTENT)],
+        "content": result_blocks(content),
         "is_error": bool(is_error),
     }
+
+
+def result_blocks(content: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
+    """An MCP call's ``content`` as text and image blocks, every dialect's starting point:
+    resources described, unsupported content explained, base64 blobs never pasted."""
+    blocks = [block for item in content if (block := _block(item)) is not None]
+    return blocks or [_text(NO_CONTENT)]
+
+
+def error_text(message: str) -> str:
+    """The text a call that produced no MCP result (timeout, unknown tool…) answers with."""
+    return f"Error: {message}"
 
 
 def anthropic_tool_error(tool_use_id: str, message: str) -> dict[str, Any]:
@@ -96,6 +107,6 @@ def anthropic_tool_error(tool_use_id: str, message: str) -> dict[str, Any]:
     return {
         "type": "tool_result",
         "tool_use_id": tool_use_id,
-        "content": [_text(f"Error: {message}")],
+        "content": [_text(error_text(message))],
         "is_error": True,
     }

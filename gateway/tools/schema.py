@@ -11,11 +11,16 @@ _PARALLEL_CHOICES = frozenset({"auto", "any", "tool"})
 
 
 def anthropic_tool(tool_id: str, ref: ToolRef) -> dict[str, Any]:
-    """The Messages API ``tools`` entry for the injected tool ``ref`` named ``tool_id``.
+    """The Messages API ``tools`` entry for the injected tool ``ref`` named ``tool_id``."""
+    return {"name": tool_id, "description": ref.description, "input_schema": tool_schema(ref)}
+
+
+def tool_schema(ref: ToolRef) -> dict[str, Any]:
+    """The JSON schema of the injected tool ``ref``'s input, as every dialect declares it.
 
     Only ``properties`` and ``required`` survive from the MCP input schema, as in the reference:
     MCP servers emit JSON-Schema keywords (``$schema``, ``additionalProperties``, ``$defs``…) that
-    providers may reject at the top level of ``input_schema``.
+    providers may reject at the top level of a tool's schema.
     """
     schema = ref.input_schema
     properties = schema.get("properties")
@@ -29,7 +34,7 @@ def anthropic_tool(tool_id: str, ref: ToolRef) -> dict[str, Any]:
         # An empty ``required`` adds bytes and is rejected by some schema validators.
         if names:
             input_schema["required"] = names
-    return {"name": tool_id, "description": ref.description, "input_schema": input_schema}
+    return input_schema
 
 
 def _rewritten_tool_choice(choice: Any) -> Any:
@@ -52,6 +57,17 @@ def _rewritten_tool_choice(choice: Any) -> Any:
     raise ValueError(f"unknown tool_choice.type {kind!r}")
 
 
+def client_tools(body: dict[str, Any]) -> list[Any]:
+    """The request's own ``tools`` (none: an empty list); ValueError when it is no array, so the
+    caller can forward the request without injection."""
+    tools = body.get("tools")
+    if tools is None:
+        return []
+    if not isinstance(tools, list):
+        raise ValueError(f"tools must be an array, got {type(tools).__name__}")
+    return tools
+
+
 def inject_anthropic_tools(body: dict[str, Any], tools: Sequence[dict[str, Any]]) -> None:
     """Prepend ``tools`` to the request ``body`` and rewrite its ``tool_choice`` in place.
 
@@ -62,12 +78,8 @@ def inject_anthropic_tools(body: dict[str, Any], tools: Sequence[dict[str, Any]]
     """
     if not tools:
         return
-    client_tools = body.get("tools")
-    if client_tools is None:
-        client_tools = []
-    elif not isinstance(client_tools, list):
-        raise ValueError(f"tools must be an array, got {type(client_tools).__name__}")
+    own = client_tools(body)
     # Validate everything before mutating so a failure leaves the client's request intact.
     choice = _rewritten_tool_choice(body.get("tool_choice"))
-    body["tools"] = [*tools, *client_tools]
+    body["tools"] = [*tools, *own]
     body["tool_choice"] = choice

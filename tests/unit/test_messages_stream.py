@@ -17,7 +17,7 @@ from jiter import from_json
 
 from gateway.intercept.messages.rewrite_id import replace_id
 from gateway.intercept.messages.stream import MessagesStream
-from gateway.intercept.messages.turn import StreamError
+from gateway.intercept.rewriter import StreamError
 from gateway.records import ModelThought, PromptUsage, Record, TokenUsage, ToolUsage
 from gateway.sse import Frame, SSEFramer, encode
 from gateway.testing import load_txtar

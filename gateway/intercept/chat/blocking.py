@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from typing import Any
 
 import orjson
@@ -11,31 +10,8 @@ import orjson
 from gateway.intercept.chat.calls import CallSlot, not_run_reason
 from gateway.intercept.chat.tools import assistant_message
 from gateway.intercept.chat.usage import ChatUsage, add_usage, apply_totals
-from gateway.intercept.rewriter import ReportedError, ToolCall, TurnResult
+from gateway.intercept.rewriter import BlockingResult
 from gateway.records import PromptUsage, Record
-
-
-@dataclass(frozen=True, slots=True)
-class ChatBlockingResult:
-    """What to send back to the client and what to record for one blocking response."""
-
-    body: bytes
-    records: list[Record]
-    error: str = ""
-    tool_calls: list[ToolCall] = field(default_factory=list)
-    assistant: dict[str, Any] | None = None
-    skipped_calls: list[ToolCall] = field(default_factory=list)
-    skip_reason: str = ""
-    stop_reason: str = ""
-    # A body of this dialect never reports its own failure (an error is a non-200 answer).
-    reported: ReportedError | None = None
-
-    @property
-    def turn(self) -> TurnResult:
-        """This response as a turn of the agentic loop (``gateway.intercept.loop``)."""
-        return TurnResult(
-            self.tool_calls, self.skipped_calls, self.skip_reason, self.assistant, self.stop_reason
-        )
 
 
 class ChatBlocking:
@@ -59,7 +35,7 @@ class ChatBlocking:
         self._totals: dict[str, Any] = {}
         self.turns = 0
 
-    def feed(self, body: bytes) -> ChatBlockingResult:
+    def feed(self, body: bytes) -> BlockingResult:
         """Account one 200 response; say whether to continue (``tool_calls``) or answer."""
         try:
             completion = orjson.loads(body)
@@ -73,7 +49,7 @@ class ChatBlocking:
             if first and self._prompt is not None:
                 records.append(PromptUsage(self.interception_id, "", self._prompt))
             error = "upstream returned a body that is not a chat completion"
-            return ChatBlockingResult(body, records, error)
+            return BlockingResult(body, records, error)
         raw_id = completion.get("id")
         msg_id = raw_id if isinstance(raw_id, str) else ""
         if first and self._prompt is not None:
@@ -94,14 +70,14 @@ class ChatBlocking:
             message = first_choice.get("message")
             content = message.get("content") if isinstance(message, dict) else None
             assistant = assistant_message(content if isinstance(content, str) else "", injected)
-            return ChatBlockingResult(
+            return BlockingResult(
                 body, records, tool_calls=calls, assistant=assistant, stop_reason=stop_reason
             )
         client_body = self._client_body(body, completion, msg_id, bool(calls))
         reason = ""
         if calls:
             reason = not_run_reason(bool(client), len(choices), stop_reason)
-        return ChatBlockingResult(
+        return BlockingResult(
             client_body, records, skipped_calls=calls, skip_reason=reason, stop_reason=stop_reason
         )
 

@@ -7,12 +7,11 @@ so the text of a delta cannot fake a key, and a false alarm only costs the chunk
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
 from typing import Any
 
 import orjson
 
-from gateway.records import EndStatus
+from gateway.intercept.rewriter import StreamError
 
 # What may precede the id's value at the start of a chunk for the bytes fast path.
 ID_HEAD = re.compile(rb"data: ?\{\s*\"id\"\s*:\s*")
@@ -20,19 +19,6 @@ ID_HEAD = re.compile(rb"data: ?\{\s*\"id\"\s*:\s*")
 CHOICES = re.compile(rb'"choices"\s*:\s*\[')
 # The id's key before its value, when it is not the chunk's first key.
 ID_KEY = re.compile(rb'"id"\s*:\s*\Z')
-
-
-@dataclass(slots=True)
-class StreamError:
-    """An error the upstream reported inside the stream (relayed to the client as it came)."""
-
-    type: str
-    message: str
-
-    @property
-    def end_status(self) -> EndStatus:
-        """Always "failed": this dialect's streams report no other early end."""
-        return "failed"
 
 
 def id_bytes(raw: bytes, msg_id: str, quoted_iid: bytes) -> tuple[bytes, bytes, bool] | None:

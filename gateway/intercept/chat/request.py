@@ -13,7 +13,7 @@ from typing import Any
 
 import orjson
 
-from gateway.intercept.dialect import RequestError
+from gateway.intercept.dialect import RequestError, json_object, required_model
 
 # Appended inside the closing brace of a body that has no ``stream_options``: every other byte
 # of the client's body is kept.
@@ -40,19 +40,8 @@ def parse_request(body: bytes) -> ChatRequest:
     Nothing else is refused: unknown fields, and fields of the wrong type, go to the provider,
     which answers them in its own words.
     """
-    try:
-        parsed = orjson.loads(body)
-    except orjson.JSONDecodeError as exc:
-        if not body.strip():
-            raise RequestError(400, "request body is empty: expected a JSON object") from None
-        raise RequestError(400, f"request body is not valid JSON: {exc}") from None
-    if not isinstance(parsed, dict):
-        raise RequestError(400, "request body must be a JSON object")
-    model = parsed.get("model")
-    if model is None:
-        raise RequestError(400, "model: field required")
-    if not isinstance(model, str) or not model:
-        raise RequestError(400, "model: expected a non-empty string")
+    parsed = json_object(body)
+    model = required_model(parsed)
     stream = parsed.get("stream") is True
     messages = parsed.get("messages")
     prompt: str | None = None

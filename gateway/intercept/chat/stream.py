@@ -33,7 +33,6 @@ from gateway.intercept.chat.chunks import (
     CHOICES,
     MARKERS,
     NULL_USAGE,
-    StreamError,
     empty_choice,
     hide_any_null_usage,
     id_bytes,
@@ -41,7 +40,7 @@ from gateway.intercept.chat.chunks import (
 )
 from gateway.intercept.chat.tools import assistant_message
 from gateway.intercept.chat.usage import ChatUsage, add_usage, apply_totals
-from gateway.intercept.rewriter import TurnResult
+from gateway.intercept.rewriter import StreamError, TurnResult
 from gateway.records import PromptUsage, Record
 from gateway.sse import Frame, SSEFramer
 

@@ -15,13 +15,13 @@ import orjson
 
 from gateway.intercept.chat.calls import CallSlot
 from gateway.tools.naming import ToolRef
-from gateway.tools.results import anthropic_tool_result
-from gateway.tools.schema import anthropic_tool
+from gateway.tools.results import error_text, result_blocks
+from gateway.tools.schema import client_tools, tool_schema
 
 
 def chat_tool(tool_id: str, ref: ToolRef) -> dict[str, Any]:
     """The ``tools`` entry for the injected tool ``ref`` named ``tool_id``."""
-    parameters = anthropic_tool(tool_id, ref)["input_schema"]
+    parameters = tool_schema(ref)
     return {
         "type": "function",
         "function": {"name": tool_id, "description": ref.description, "parameters": parameters},
@@ -38,14 +38,10 @@ def inject_chat_tools(body: dict[str, Any], tools: Sequence[dict[str, Any]]) -> 
     """
     if not tools:
         return
-    client_tools = body.get("tools")
-    if client_tools is None:
-        client_tools = []
-    elif not isinstance(client_tools, list):
-        raise ValueError(f"tools must be an array, got {type(client_tools).__name__}")
+    own = client_tools(body)
     if body.get("functions") is not None:
         raise ValueError("the request declares deprecated functions, which exclude tools")
-    body["tools"] = [*client_tools, *tools]
+    body["tools"] = [*own, *tools]
     body["parallel_tool_calls"] = False
 
 
@@ -65,7 +61,7 @@ def chat_tool_result(
 
     A result the MCP server flagged as an error says so, so the model knows the tool failed.
     """
-    blocks = anthropic_tool_result(call_id, content, is_error)["content"]
+    blocks = result_blocks(content)
     text = "\n".join(_text(block) for block in blocks)
     if is_error:
         text = f"Error: {text}"
@@ -74,7 +70,7 @@ def chat_tool_result(
 
 def chat_tool_error(call_id: str, message: str) -> dict[str, Any]:
     """The ``tool`` message of a call that produced no result (timeout, unknown tool...)."""
-    return {"role": "tool", "tool_call_id": call_id, "content": f"Error: {message}"}
+    return {"role": "tool", "tool_call_id": call_id, "content": error_text(message)}
 
 
 def assistant_message(content: str, calls: Sequence[CallSlot]) -> dict[str, Any]:

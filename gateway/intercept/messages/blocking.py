@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from typing import Any
 
 import orjson
@@ -11,32 +10,8 @@ import orjson
 from gateway.intercept.messages.rewrite_id import replace_id
 from gateway.intercept.messages.turn import not_run_reason
 from gateway.intercept.messages.usage import MessageUsage
-from gateway.intercept.rewriter import ReportedError, ToolCall, TurnResult
+from gateway.intercept.rewriter import BlockingResult, ToolCall
 from gateway.records import ModelThought, PromptUsage, Record, ToolUsage
-
-
-@dataclass(frozen=True, slots=True)
-class BlockingResult:
-    """What to send back to the client and what to record for one blocking response."""
-
-    body: bytes
-    records: list[Record]
-    error: str = ""
-    tool_calls: list[ToolCall] = field(default_factory=list)
-    assistant: dict[str, Any] | None = None
-    # Injected calls of a final turn: not run, for ``skip_reason``.
-    skipped_calls: list[ToolCall] = field(default_factory=list)
-    skip_reason: str = ""
-    stop_reason: str = ""
-    # A body of this dialect never reports its own failure (an error is a non-200 answer).
-    reported: ReportedError | None = None
-
-    @property
-    def turn(self) -> TurnResult:
-        """This response as a turn of the agentic loop (``gateway.intercept.loop``)."""
-        return TurnResult(
-            self.tool_calls, self.skipped_calls, self.skip_reason, self.assistant, self.stop_reason
-        )
 
 
 class BlockingTurns:

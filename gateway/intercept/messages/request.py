@@ -10,10 +10,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-import orjson
-
 # Raised by every dialect's parser (the shell catches it): re-exported for this one's callers.
 from gateway.intercept.dialect import RequestError as RequestError
+from gateway.intercept.dialect import json_object, required_model
 
 
 @dataclass(slots=True)  # not frozen: built on every request (see gateway.records)
@@ -33,20 +32,8 @@ _ONLY_OBJECTS = frozenset({dict})  # orjson builds every JSON object as exactly 
 
 def parse_request(body: bytes) -> MessagesRequest:
     """Validate ``body``; raise :class:`RequestError` (400) naming the offending field."""
-    try:
-        parsed = orjson.loads(body)
-    except orjson.JSONDecodeError as exc:
-        # Only a body that failed to parse can be blank: checked here, not on every request.
-        if not body.strip():
-            raise RequestError(400, "request body is empty: expected a JSON object") from None
-        raise RequestError(400, f"request body is not valid JSON: {exc}") from None
-    if not isinstance(parsed, dict):
-        raise RequestError(400, "request body must be a JSON object")
-    model = parsed.get("model")
-    if model is None:
-        raise RequestError(400, "model: field required")
-    if not isinstance(model, str) or not model:
-        raise RequestError(400, "model: expected a non-empty string")
+    parsed = json_object(body)
+    model = required_model(parsed)
     messages = parsed.get("messages")
     if messages is None:
         raise RequestError(400, "messages: field required")

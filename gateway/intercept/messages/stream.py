@@ -16,10 +16,10 @@ from typing import Any
 import orjson
 
 from gateway.intercept.messages.rewrite_id import replace_id
-from gateway.intercept.messages.turn import StreamError, not_run_reason
+from gateway.intercept.messages.turn import not_run_reason
 from gateway.intercept.messages.turns import InjectedTurns, TrackedBlock
 from gateway.intercept.messages.usage import MessageUsage
-from gateway.intercept.rewriter import ToolCall, TurnResult
+from gateway.intercept.rewriter import StreamError, ToolCall, TurnResult
 from gateway.records import ModelThought, PromptUsage, Record, ToolUsage
 from gateway.sse import Frame, RegionScanner, SSEFramer, encode, named_events
 

@@ -5,23 +5,6 @@ The calls themselves are every dialect's ``gateway.intercept.rewriter.ToolCall``
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
-from gateway.records import EndStatus
-
-
-@dataclass(slots=True)
-class StreamError:
-    """An error the upstream reported inside the stream (relayed to the client as it came)."""
-
-    type: str
-    message: str
-
-    @property
-    def end_status(self) -> EndStatus:
-        """Always "failed": this dialect's streams report no other early end."""
-        return "failed"
-
 
 def not_run_reason(client_tool: bool, stop_reason: str) -> str:
     """Why the injected calls of a final turn were not run (their ``ToolUsage`` record says)."""

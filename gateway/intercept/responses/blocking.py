@@ -11,14 +11,12 @@ client's own ``tools`` and ``parallel_tool_calls`` in place of the injected requ
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from typing import Any
 
 import orjson
 
 from gateway.intercept.responses.output import (
     ResponsesTurn,
-    StreamError,
     is_injected_call,
     item_records,
     not_run_reason,
@@ -27,31 +25,8 @@ from gateway.intercept.responses.output import (
 )
 from gateway.intercept.responses.tools import client_parallel, hide_injection
 from gateway.intercept.responses.usage import summed_usage, usage_record
-from gateway.intercept.rewriter import ToolCall, TurnResult
+from gateway.intercept.rewriter import BlockingResult, ToolCall
 from gateway.records import PromptUsage, Record
-
-
-@dataclass(frozen=True, slots=True)
-class BlockingResult:
-    """What to send back to the client and what to record for one blocking response."""
-
-    body: bytes
-    records: list[Record]
-    error: str = ""
-    tool_calls: list[ToolCall] = field(default_factory=list)
-    assistant: ResponsesTurn | None = None
-    skipped_calls: list[ToolCall] = field(default_factory=list)
-    skip_reason: str = ""
-    stop_reason: str = ""
-    # A response that failed or ended incomplete: relayed as it came, recorded as such.
-    reported: StreamError | None = None
-
-    @property
-    def turn(self) -> TurnResult:
-        """This response as a turn of the agentic loop (``gateway.intercept.loop``)."""
-        return TurnResult(
-            self.tool_calls, self.skipped_calls, self.skip_reason, self.assistant, self.stop_reason
-        )
 
 
 class BlockingTurns:

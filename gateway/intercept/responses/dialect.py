@@ -76,24 +76,13 @@ def parse_compaction(body: bytes) -> ResponsesRequest:
     return dataclasses.replace(parse_request(body), prompt=None)
 
 
-# Codex's remote compaction: relayed and accounted like any response.
-COMPACT = Dialect(
+# Codex's remote compaction: relayed and accounted like any response, but no prompt of its own
+# and no injected tools (the shell skips them; its inject refuses them all the same).
+COMPACT = dataclasses.replace(
+    RESPONSES,
     name="responses_compact",
-    provider=OPENAI,
     path="/v1/responses/compact",
     parse_request=parse_compaction,
-    stream=_stream,
-    blocking=_blocking,
-    error_event=error_event,
-    relayed_error_event=relayed_error_event,
-    keepalive=KEEPALIVE,
-    terminal_event="response.completed",
-    tools=ToolShapes(
-        definition=function_tool,
-        inject=refuse_tools,
-        result=function_call_output,
-        error=function_call_error,
-        continuation=continuation,
-    ),
+    tools=dataclasses.replace(_TOOLS, inject=refuse_tools),
     injects_tools=False,
 )

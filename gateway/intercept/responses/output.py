@@ -13,8 +13,8 @@ from typing import Any
 
 import orjson
 
-from gateway.intercept.rewriter import ToolCall
-from gateway.records import EndStatus, ModelThought, Record, ToolUsage
+from gateway.intercept.rewriter import StreamError, ToolCall
+from gateway.records import ModelThought, Record, ToolUsage
 
 # Items the client must answer before the conversation can go on: a turn with one is final.
 CLIENT_CALLS = frozenset(
@@ -38,16 +38,6 @@ _ARGUMENTS = {
     "apply_patch_call": ("operation",),
     "computer_call": ("action", "actions"),
 }
-
-
-@dataclass(slots=True)
-class StreamError:
-    """An error the upstream reported: an ``error`` event, or a response that failed or ended
-    incomplete (relayed to the client as it came)."""
-
-    type: str
-    message: str
-    end_status: EndStatus = "failed"
 
 
 @dataclass(frozen=True, slots=True)

@@ -11,9 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-import orjson
-
-from gateway.intercept.dialect import RequestError
+from gateway.intercept.dialect import RequestError, json_object
 
 # Input items answering a tool call: a request ending with them continues a tool exchange.
 _TOOL_OUTPUTS = frozenset({"function_call_output", "custom_tool_call_output"})
@@ -39,14 +37,7 @@ class ResponsesRequest:
 
 def parse_request(body: bytes) -> ResponsesRequest:
     """Validate ``body``; raise :class:`RequestError` (400) with a clear message."""
-    try:
-        parsed = orjson.loads(body)
-    except orjson.JSONDecodeError as exc:
-        if not body.strip():
-            raise RequestError(400, "request body is empty: expected a JSON object") from None
-        raise RequestError(400, f"request body is not valid JSON: {exc}") from None
-    if not isinstance(parsed, dict):
-        raise RequestError(400, "request body must be a JSON object")
+    parsed = json_object(body)
     model = parsed.get("model")
     if model is None:
         # A stored prompt (``prompt``) may carry the model: the provider decides.

@@ -22,7 +22,6 @@ from typing import Any
 import orjson
 
 from gateway.intercept.responses.output import (
-    StreamError,
     failure,
     incompleteness,
     item_records,
@@ -31,7 +30,7 @@ from gateway.intercept.responses.output import (
 from gateway.intercept.responses.tools import client_parallel
 from gateway.intercept.responses.turns import InjectedTurns
 from gateway.intercept.responses.usage import usage_record
-from gateway.intercept.rewriter import TurnResult
+from gateway.intercept.rewriter import StreamError, TurnResult
 from gateway.records import PromptUsage, Record
 from gateway.sse import Frame, RegionScanner, SSEFramer, named_events
 

@@ -9,8 +9,8 @@ import orjson
 
 from gateway.intercept.responses.output import ResponsesTurn, text_of
 from gateway.tools.naming import ToolRef
-from gateway.tools.results import anthropic_tool_error, anthropic_tool_result
-from gateway.tools.schema import anthropic_tool
+from gateway.tools.results import error_text, result_blocks
+from gateway.tools.schema import client_tools, tool_schema
 
 
 def function_tool(tool_id: str, ref: ToolRef) -> dict[str, Any]:
@@ -24,7 +24,7 @@ def function_tool(tool_id: str, ref: ToolRef) -> dict[str, Any]:
         "type": "function",
         "name": tool_id,
         "description": ref.description,
-        "parameters": anthropic_tool(tool_id, ref)["input_schema"],
+        "parameters": tool_schema(ref),
         "strict": False,
     }
 
@@ -39,12 +39,7 @@ def inject_tools(body: dict[str, Any], tools: Sequence[dict[str, Any]]) -> None:
     """
     if not tools:
         return
-    client_tools = body.get("tools")
-    if client_tools is None:
-        client_tools = []
-    elif not isinstance(client_tools, list):
-        raise ValueError(f"tools must be an array, got {type(client_tools).__name__}")
-    body["tools"] = [*client_tools, *tools]
+    body["tools"] = [*client_tools(body), *tools]
     body["parallel_tool_calls"] = False
 
 
@@ -110,7 +105,7 @@ def function_call_output(
     unsupported content explained, base64 blobs never pasted). Text only gives a string output,
     images an array of input parts. The item has no error flag: a failed call says so in text.
     """
-    blocks = anthropic_tool_result(call_id, content, is_error)["content"]
+    blocks = result_blocks(content)
     parts = [_part(block) for block in blocks]
     if is_error:
         parts.insert(0, {"type": "input_text", "text": "Error: the tool reported a failure."})
@@ -124,7 +119,7 @@ def function_call_output(
 
 def function_call_error(call_id: str, message: str) -> dict[str, Any]:
     """The ``function_call_output`` of a call that produced no MCP result (timeout, unknown)."""
-    text = anthropic_tool_error(call_id, message)["content"][0]["text"]
+    text = error_text(message)
     return {"type": "function_call_output", "call_id": call_id, "output": text}
 
 
